@@ -1,0 +1,42 @@
+"""statevault: safe, fast, complete checkpoints of deep-learning training state.
+
+    import statevault as sv
+    sv.save({"epoch": 10, "model": model, "optimizer": opt, "rng": sv.RNGState()}, "ckpt/10")
+    state = sv.load("ckpt/10", into={"model": model, "optimizer": opt, "rng": sv.RNGState()})
+    assert sv.verify("ckpt/10").ok
+
+Importing statevault imports neither torch nor tensorflow.
+"""
+
+from statevault._version import __version__
+from statevault.checkpoint import VerifyReport, load, save, verify
+from statevault.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    UnsupportedFormatError,
+    UnsupportedValueError,
+)
+from statevault.restore import LoadedState
+from statevault.rng import RNGState
+from statevault.stateful import Stateful
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "LoadedState",
+    "RNGState",
+    "StateMismatchError",
+    "Stateful",
+    "UnsupportedFormatError",
+    "UnsupportedValueError",
+    "VerifyReport",
+    "__version__",
+    "load",
+    "save",
+    "verify",
+]

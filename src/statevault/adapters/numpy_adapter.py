@@ -1,0 +1,79 @@
+"""numpy arrays: stored little-endian, C order; they load back as numpy arrays."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+
+from statevault.adapters.base import ArraySpec
+from statevault.errors import UnsupportedValueError
+from statevault.format import dtypes
+from statevault.format.manifest import TensorEntry
+
+
+class NumpyAdapter:
+    framework = "numpy"
+
+    def recognizes(self, obj: object) -> bool:
+        return type(obj) is np.ndarray
+
+    def describe(self, obj: Any, path: str) -> ArraySpec:
+        row = dtypes.from_numpy_name(obj.dtype.name) if obj.dtype.fields is None else None
+        if row is None:
+            raise UnsupportedValueError(
+                path,
+                f"numpy dtype {obj.dtype} is not supported (object, string and structured "
+                "arrays would need pickle); convert it to a numeric or bool array",
+            )
+        shape = tuple(int(d) for d in obj.shape)
+        return ArraySpec(row.name, shape, math.prod(shape) * row.itemsize)
+
+    def identity(self, obj: Any) -> Hashable | None:
+        if obj.nbytes == 0:
+            return None
+        interface = obj.__array_interface__
+        return ("numpy", interface["data"][0], obj.shape, obj.strides, obj.dtype.str)
+
+    def stage(self, objs: Sequence[Any], copy: bool) -> list[memoryview]:
+        return [memoryview(_host_bytes(obj, copy)) for obj in objs]
+
+    def allocate(self, entry: TensorEntry) -> Any:
+        return np.empty(entry.shape, dtype=_numpy_dtype(entry))
+
+    def writable_bytes(self, array: Any) -> memoryview:
+        return memoryview(array.reshape(-1).view(np.uint8))
+
+    def finalize(self, array: Any, entry: TensorEntry, device: str | None) -> Any:
+        return array
+
+    def mismatch(self, target: Any, loaded: Any) -> str | None:
+        if type(loaded) is not np.ndarray:
+            return f"the checkpoint holds a {type(loaded).__name__} where the target has an array"
+        if target.shape != loaded.shape or target.dtype != loaded.dtype:
+            return (
+                f"{list(loaded.shape)} {loaded.dtype} in the checkpoint, "
+                f"{list(target.shape)} {target.dtype} in the target"
+            )
+        return None
+
+    def copy_into(self, target: Any, loaded: Any) -> None:
+        np.copyto(target, loaded)
+
+
+def _numpy_dtype(entry: TensorEntry) -> np.dtype[Any]:
+    name = dtypes.lookup(entry.dtype).numpy
+    if name is None:
+        raise ValueError(f"dtype {entry.dtype} has no numpy equivalent")
+    return np.dtype(name).newbyteorder("<")
+
+
+def _host_bytes(obj: Any, copy: bool) -> Any:
+    array = obj
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and np.little_endian is False):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    elif copy or not array.flags.c_contiguous:
+        array = array.copy(order="C")
+    return array.reshape(-1).view(np.uint8)

@@ -1,0 +1,143 @@
+"""PyTorch tensors and Parameters, on any device.
+
+Staging copies device tensors into page-locked (pinned) host buffers with non-blocking copies and
+one synchronization at the end, so the device-to-host transfers overlap; CPU tensors are viewed in
+place for a synchronous save and copied for an asynchronous one (training will mutate them).
+Loading fills fresh CPU tensors, then moves them to ``device`` (through pinned memory for CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+
+from statevault.adapters.base import ArraySpec
+from statevault.errors import UnsupportedValueError
+from statevault.format import dtypes
+from statevault.format.manifest import TensorEntry
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+class TorchAdapter:
+    framework = "torch"
+
+    def recognizes(self, obj: object) -> bool:
+        return isinstance(obj, torch.Tensor)
+
+    def describe(self, obj: Any, path: str) -> ArraySpec:
+        tensor: torch.Tensor = obj
+        _check_supported(tensor, path)
+        name = str(tensor.dtype).removeprefix("torch.")
+        shape = tuple(int(d) for d in tensor.shape)
+        attrs: dict[str, Any] = {"device": str(tensor.device)}
+        if type(tensor) is torch.nn.Parameter:
+            attrs["parameter"] = True
+        if tensor.requires_grad:
+            attrs["requires_grad"] = True
+        return ArraySpec(name, shape, math.prod(shape) * dtypes.lookup(name).itemsize, attrs)
+
+    def identity(self, obj: Any) -> Hashable | None:
+        tensor: torch.Tensor = obj
+        if tensor.numel() == 0:
+            return None  # empty tensors share the null pointer without being tied
+        return (
+            "torch",
+            str(tensor.device),
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+            tensor.is_conj(),
+            tensor.is_neg(),
+        )
+
+    def stage(self, objs: Sequence[Any], copy: bool) -> list[memoryview]:
+        staged = [_stage_one(t.detach(), copy) for t in objs]
+        if any(t.device.type == "cuda" for t in objs):
+            torch.cuda.synchronize()
+        return [_memoryview(t) for t in staged]
+
+    def allocate(self, entry: TensorEntry) -> torch.Tensor:
+        return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+
+    def writable_bytes(self, array: Any) -> memoryview:
+        return _memoryview(array)
+
+    def finalize(self, array: Any, entry: TensorEntry, device: str | None) -> Any:
+        tensor: torch.Tensor = array
+        if device is not None and torch.device(device).type != "cpu":
+            tensor = tensor.pin_memory().to(device, non_blocking=False)
+        if entry.attrs.get("parameter") is True:
+            return torch.nn.Parameter(
+                tensor, requires_grad=entry.attrs.get("requires_grad") is True
+            )
+        if entry.attrs.get("requires_grad") is True and tensor.is_floating_point():
+            tensor.requires_grad_(True)
+        return tensor
+
+    def mismatch(self, target: Any, loaded: Any) -> str | None:
+        if not isinstance(loaded, torch.Tensor):
+            return f"the checkpoint holds a {type(loaded).__name__} where the target has a tensor"
+        if target.shape != loaded.shape or target.dtype != loaded.dtype:
+            return (
+                f"{list(loaded.shape)} {loaded.dtype} in the checkpoint, "
+                f"{list(target.shape)} {target.dtype} in the target"
+            )
+        return None
+
+    def copy_into(self, target: Any, loaded: Any) -> None:
+        with torch.no_grad():
+            target.copy_(loaded)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"this torch has no dtype {name}")
+    return dtype
+
+
+def _check_supported(tensor: torch.Tensor, path: str) -> None:
+    if type(tensor) not in _PLAIN_TYPES:
+        raise UnsupportedValueError(
+            path,
+            f"tensor subclass {type(tensor).__qualname__} is not supported; save a plain "
+            "torch.Tensor (for example tensor.full_tensor() or tensor.to_local())",
+        )
+    if tensor.layout != torch.strided:
+        raise UnsupportedValueError(
+            path, f"{tensor.layout} tensors are not supported; convert with .to_dense()"
+        )
+    if tensor.is_quantized or str(tensor.dtype).removeprefix("torch.") not in dtypes.DTYPES:
+        raise UnsupportedValueError(
+            path, f"dtype {tensor.dtype} is not supported; convert it (e.g. .dequantize())"
+        )
+    if tensor.device.type == "meta":
+        raise UnsupportedValueError(path, "meta tensors hold no data; materialize them first")
+
+
+def _stage_one(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+    tensor = tensor.resolve_conj().resolve_neg()
+    if tensor.device.type != "cpu":
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
+        host.copy_(tensor, non_blocking=True)
+        return host
+    if copy:
+        return tensor.clone(memory_format=torch.contiguous_format)
+    return tensor.contiguous()
+
+
+def _memoryview(tensor: torch.Tensor) -> memoryview:
+    """A writable view of a CPU tensor's bytes (C-contiguous input), sharing its memory."""
+    array: Any = _bytes_of(tensor).numpy()
+    return memoryview(array)
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 tensor sharing its memory (C-contiguous input)."""
+    return tensor.reshape(-1).view(torch.uint8)

@@ -1,0 +1,274 @@
+"""One checkpoint: save, load and verify. The public entry points read as their steps.
+
+save:   check target -> prepare (plan) -> stage -> write shards -> manifest -> commit
+load:   open (manifest, validated) -> check files -> read + verify -> decode -> restore into
+verify: open -> check files and headers -> checksum every tensor -> decode the tree
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from statevault import commit
+from statevault.adapters import adapter_named
+from statevault.engine.layout import assign_files
+from statevault.engine.plan import SavePlan, plan_save
+from statevault.engine.reader import CheckpointReader
+from statevault.engine.staging import stage
+from statevault.engine.writer import PendingTensor, write_files
+from statevault.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
+from statevault.format import tree as tree_codec
+from statevault.format.manifest import Manifest, TensorEntry, parse_manifest, serialize_manifest
+from statevault.format.names import MANIFEST_NAME, shard_name
+from statevault.restore import LoadedState, restore_into
+from statevault.runinfo import checkpoint_info
+from statevault.storage.local import LocalStorage, open_read, read_into_fd
+
+PathLike = str | os.PathLike[str]
+
+
+def save(state: Any, path: PathLike, *, metadata: Any = None, overwrite: bool = False) -> Manifest:
+    """Save ``state`` as a committed checkpoint at ``path``; returns its manifest.
+
+    Example::
+
+        sv.save({"epoch": 10, "model": model, "optimizer": opt, "loss": 0.02}, "ckpt/epoch10")
+    """
+    directory = local_path(path)
+    commit.check_target(directory, overwrite)
+    started = time.perf_counter()
+    plan = plan_save(state, metadata)
+    planned = time.perf_counter()
+    staged = stage(plan, copy=False)
+    timings = {"prepare_s": planned - started, "stage_s": time.perf_counter() - planned}
+    return persist(plan, staged, directory, overwrite=overwrite, timings=timings)
+
+
+def persist(
+    plan: SavePlan,
+    staged: list[memoryview],
+    directory: str,
+    *,
+    overwrite: bool,
+    timings: dict[str, float],
+    extra_info: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """Write staged leaves and the manifest under a temporary name, then commit atomically."""
+    tmp = commit.begin(directory)
+    try:
+        started = time.perf_counter()
+        manifest = _write_payload(plan, staged, tmp)
+        timings["write_s"] = time.perf_counter() - started
+        manifest.info = checkpoint_info(plan, timings, extra_info)
+        with LocalStorage().open_write(os.path.join(tmp, MANIFEST_NAME)) as handle:
+            handle.write(memoryview(serialize_manifest(manifest)))
+        commit.publish(tmp, directory, overwrite)
+    except BaseException:
+        commit.abandon(tmp)
+        raise
+    return manifest
+
+
+def _write_payload(plan: SavePlan, staged: list[memoryview], tmp: str) -> Manifest:
+    pending = [
+        PendingTensor(
+            leaf.path,
+            leaf.adapter.framework,
+            leaf.spec.dtype,
+            leaf.spec.shape,
+            view,
+            leaf.spec.attrs,
+        )
+        for leaf, view in zip(plan.leaves, staged, strict=True)
+    ]
+    groups = assign_files([p.data.nbytes for p in pending])
+    files = [(shard_name(i), [pending[j] for j in members]) for i, members in enumerate(groups)]
+    shard_format = "pt" if "torch" in plan.frameworks() else "np"
+    file_rows, tensor_rows = write_files(
+        LocalStorage(), tmp, files, {"format": shard_format, "writer": "statevault"}
+    )
+    rows: list[TensorEntry | None] = [None] * len(pending)
+    for members, written in zip(groups, tensor_rows, strict=True):
+        for index, row in zip(members, written, strict=True):
+            rows[index] = row
+    return Manifest(file_rows, [r for r in rows if r is not None], plan.tree, plan.metadata)
+
+
+@dataclass
+class OpenCheckpoint:
+    directory: str
+    manifest: Manifest
+
+    @property
+    def reader(self) -> CheckpointReader:
+        return CheckpointReader(self.directory, self.manifest)
+
+
+def open_checkpoint(path: PathLike) -> OpenCheckpoint:
+    """The checkpoint at ``path`` with its manifest parsed and validated (no payload read)."""
+    directory = local_path(path)
+    manifest_path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isfile(manifest_path):
+        hint = " (an unfinished save)" if commit.is_temporary(os.path.basename(directory)) else ""
+        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}{hint}")
+    try:
+        fd = open_read(manifest_path)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{directory}: cannot open manifest.json ({exc})") from None
+    try:
+        size = os.fstat(fd).st_size
+        data = bytearray(min(size, 1 << 31))
+        read_into_fd(fd, 0, memoryview(data))
+    except (OSError, EOFError) as exc:
+        raise CorruptCheckpointError(f"{directory}: cannot read manifest.json ({exc})") from None
+    finally:
+        os.close(fd)
+    return OpenCheckpoint(directory, parse_manifest(bytes(data), directory))
+
+
+def load(
+    path: PathLike,
+    *,
+    into: Mapping[str, Any] | None = None,
+    device: str | None = None,
+    strict: bool = True,
+    verify: bool = True,
+) -> Any:
+    """Load the checkpoint at ``path``: the saved tree, tensors and plain values included.
+
+    ``into``: objects to restore in place (Stateful via load_state_dict, tensors copied into).
+    ``device``: where returned tensors go (default: CPU). ``verify``: check every checksum.
+    Example::
+
+        state = sv.load("ckpt/epoch10", into={"model": model, "optimizer": opt})
+        epoch = state["epoch"]
+    """
+    checkpoint = open_checkpoint(path)
+    arrays = _read_arrays(checkpoint, verify, device)
+    loaded = _decode(checkpoint, arrays)
+    if into is None:
+        return LoadedState(loaded) if type(loaded) is dict else loaded
+    return restore_into(into, loaded, strict=strict)
+
+
+def _read_arrays(checkpoint: OpenCheckpoint, verify: bool, device: str | None) -> list[Any]:
+    reader = checkpoint.reader
+    where = checkpoint.directory
+    problems = reader.file_problems(check_headers=verify)
+    if problems:
+        raise CorruptCheckpointError(f"{where} is damaged: {problems[0]}", problems)
+    entries = checkpoint.manifest.tensors
+    outcome = reader.read(range(len(entries)), _allocator(where), verify)
+    if outcome.problems:
+        detail = outcome.problems[0] + (
+            f" (and {len(outcome.problems) - 1} more)" if len(outcome.problems) > 1 else ""
+        )
+        raise CorruptCheckpointError(f"{where} is damaged: {detail}", outcome.problems)
+    return [
+        adapter_named(entry.framework).finalize(outcome.arrays[i], entry, device)
+        for i, entry in enumerate(entries)
+    ]
+
+
+def _allocator(where: str) -> Any:
+    def allocate(entry: TensorEntry) -> tuple[object, memoryview]:
+        adapter = adapter_named(entry.framework)
+        try:
+            array = adapter.allocate(entry)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"{where}: tensor {entry.path}: {exc}") from None
+        return array, adapter.writable_bytes(array)
+
+    return allocate
+
+
+def _decode(checkpoint: OpenCheckpoint, arrays: list[Any]) -> Any:
+    def resolve(index: int) -> Any:
+        if not 0 <= index < len(arrays):
+            raise CorruptCheckpointError(f"{checkpoint.directory}: tree refers to tensor {index}")
+        return arrays[index]
+
+    return tree_codec.decode(checkpoint.manifest.tree, resolve, checkpoint.directory)
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found. ``ok`` is True when ``problems`` is empty."""
+
+    path: str
+    problems: list[str] = field(default_factory=list)
+    files: int = 0
+    tensors: int = 0
+    bytes_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: PathLike) -> VerifyReport:
+    """Check every byte of a checkpoint against its manifest without loading it.
+
+    Example::
+
+        report = sv.verify("ckpt/epoch10")
+        if not report.ok:
+            print("\\n".join(report.problems))
+    """
+    directory = local_path(path)
+    report = VerifyReport(directory)
+    try:
+        checkpoint = open_checkpoint(directory)
+    except CorruptCheckpointError as exc:
+        report.problems.extend(exc.problems)
+        return report
+    except CheckpointNotFoundError:
+        raise
+    except CheckpointError as exc:
+        report.problems.append(str(exc))
+        return report
+    manifest = checkpoint.manifest
+    report.files, report.tensors = len(manifest.files), len(manifest.tensors)
+    report.problems.extend(checkpoint.reader.file_problems(check_headers=True))
+    report.problems.extend(_tree_problems(checkpoint))
+    if not report.problems:
+        outcome = checkpoint.reader.read(range(len(manifest.tensors)), _scratch, verify=True)
+        report.problems.extend(outcome.problems)
+        report.bytes_checked = outcome.bytes_read
+    return report
+
+
+def _scratch(entry: TensorEntry) -> tuple[object, memoryview]:
+    buffer = bytearray(entry.nbytes)
+    return buffer, memoryview(buffer)
+
+
+def _tree_problems(checkpoint: OpenCheckpoint) -> list[str]:
+    count = len(checkpoint.manifest.tensors)
+    try:
+        _decode(checkpoint, list(range(count)))
+        tree_codec.decode(checkpoint.manifest.metadata, lambda i: i, checkpoint.directory)
+    except CorruptCheckpointError as exc:
+        return list(exc.problems)
+    return []
+
+
+def local_path(path: PathLike) -> str:
+    """The local directory a path or ``file://`` URL names; other URL schemes are refused."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise CheckpointError(
+            f"storage scheme {scheme}:// is not supported by this statevault; use a local path"
+        )
+    return os.path.abspath(text)

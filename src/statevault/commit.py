@@ -1,0 +1,118 @@
+"""The commit protocol, and the one test of whether a checkpoint exists.
+
+A checkpoint exists if and only if ``<dir>/manifest.json`` exists (and parses: checked by the
+reader). On a local disk a save writes everything under ``<name>.tmp-<id>``, fsyncs every file and
+the directory, then renames it to ``<name>`` and fsyncs the parent. Replacing a committed
+checkpoint swaps the two directories with one atomic ``renameat2(RENAME_EXCHANGE)`` so that no
+instant exists without a committed checkpoint at ``<name>``; the old one, now under the temporary
+name, is deleted manifest first. Temporaries are never listed or loaded; the manager sweeps them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import uuid
+
+from statevault.errors import CheckpointExistsError
+from statevault.format.names import MANIFEST_NAME
+from statevault.storage.local import LocalStorage, fsync_dir
+
+TMP_MARKER = ".tmp-"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def is_committed(path: str) -> bool:
+    """True when ``path`` holds a committed checkpoint (a manifest; validity is the reader's)."""
+    return os.path.isfile(os.path.join(path, MANIFEST_NAME))
+
+
+def is_temporary(name: str) -> bool:
+    return TMP_MARKER in name
+
+
+def check_target(path: str, overwrite: bool) -> None:
+    """Refuse a save whose target would destroy something: call before writing anything."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise CheckpointExistsError(f"{path} exists and is not a checkpoint directory")
+    if is_committed(path):
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"a checkpoint already exists at {path}; pass overwrite=True to replace it"
+            )
+        return
+    if os.listdir(path):
+        raise CheckpointExistsError(
+            f"{path} is a non-empty directory that is not a statevault checkpoint; "
+            "refusing to write over it"
+        )
+
+
+def begin(path: str) -> str:
+    """Create and return the temporary directory a save of ``path`` writes into."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{os.path.abspath(path)}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
+    os.mkdir(tmp)
+    return tmp
+
+
+def publish(tmp: str, path: str, overwrite: bool) -> None:
+    """Atomically make the fully written ``tmp`` the checkpoint at ``path``."""
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    fsync_dir(tmp)
+    if is_committed(target):
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"a checkpoint was committed at {path} while this save ran; pass overwrite=True"
+            )
+        _replace(tmp, target)
+    else:
+        if os.path.isdir(target) and not os.listdir(target):
+            os.rmdir(target)
+        os.rename(tmp, target)
+    fsync_dir(parent)
+
+
+def abandon(tmp: str) -> None:
+    """Remove a temporary directory of a failed save (best effort; the manager sweeps leftovers)."""
+    if os.path.isdir(tmp):
+        LocalStorage().remove_tree(tmp)
+
+
+def _replace(tmp: str, target: str) -> None:
+    if _exchange(tmp, target):
+        LocalStorage().remove_tree(tmp)  # now holds the old checkpoint
+        return
+    # No atomic exchange on this platform or filesystem: move the old one aside first. A crash
+    # between the two renames leaves the old checkpoint under <name>.tmp-<id>-old (documented).
+    aside = f"{tmp}-old"
+    os.rename(target, aside)
+    os.rename(tmp, target)
+    LocalStorage().remove_tree(aside)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically with renameat2; False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), ctypes.c_uint(_RENAME_EXCHANGE)
+    )
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), b)

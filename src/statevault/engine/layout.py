@@ -1,0 +1,32 @@
+"""Which leaf goes into which payload file.
+
+Big states are spread over several files so that they can be written (and read) in parallel;
+small states stay in one file. Tiny tensors are packed together, never one file each. Within a
+file leaves keep their order in the state, so a file reads like the state it came from.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+
+MIN_FILE_BYTES = 64 << 20
+MAX_FILES = 8
+
+
+def assign_files(
+    sizes: Sequence[int], max_files: int = MAX_FILES, min_file_bytes: int = MIN_FILE_BYTES
+) -> list[list[int]]:
+    """Leaf indices per file, balanced by bytes (largest first onto the lightest file)."""
+    if not sizes:
+        return []
+    total = sum(sizes)
+    count = max(1, min(max_files, len(sizes), math.ceil(total / min_file_bytes)))
+    heap = [(0, slot) for slot in range(count)]
+    files: list[list[int]] = [[] for _ in range(count)]
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        load, slot = heapq.heappop(heap)
+        files[slot].append(index)
+        heapq.heappush(heap, (load + sizes[index], slot))
+    return [sorted(members) for members in files if members]

@@ -1,0 +1,26 @@
+"""Stage: copy (or, for a synchronous save of host memory, view) every leaf's bytes on the host.
+
+After staging the caller's objects are no longer needed: what is written is the staged bytes. A
+synchronous save blocks the caller until the write is done, so host tensors are viewed in place;
+an asynchronous save copies them, since training mutates them as soon as save() returns.
+"""
+
+from __future__ import annotations
+
+from statevault.engine.plan import SavePlan
+
+
+def stage(plan: SavePlan, copy: bool) -> list[memoryview]:
+    """The bytes of each leaf of ``plan``, in leaf order; device copies are batched per adapter."""
+    staged: list[memoryview | None] = [None] * len(plan.leaves)
+    groups: dict[int, list[int]] = {}
+    for index, leaf in enumerate(plan.leaves):
+        groups.setdefault(id(leaf.adapter), []).append(index)
+    for indices in groups.values():
+        adapter = plan.leaves[indices[0]].adapter
+        views = adapter.stage([plan.leaves[i].value for i in indices], copy)
+        for index, view in zip(indices, views, strict=True):
+            if len(view) != plan.leaves[index].spec.nbytes:
+                raise RuntimeError(f"staging {plan.leaves[index].path} produced a wrong size")
+            staged[index] = view
+    return [view for view in staged if view is not None]

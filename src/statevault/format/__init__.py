@@ -1,0 +1,1 @@
+"""Pure format code (numpy at most): manifest, tree encoding, dtypes, checksums, safetensors."""

@@ -1,0 +1,242 @@
+"""The manifest: the commit record of one checkpoint, its JSON encoding and its validation.
+
+On disk ``manifest.json`` is an envelope whose checksum covers the exact bytes of the body::
+
+    {"format":"statevault","format_version":1,"checksum":"crc32c:1a2b3c4d","body":{...}}
+
+so that any flipped bit in the body (a key name, a plain value, an offset) is detected, and a
+reader that meets a newer ``format_version`` can say so before it understands anything else.
+:func:`parse_manifest` treats its input as hostile: every field is type-checked, every file name
+is checked to stay inside the directory, every tensor's byte range is checked against its dtype,
+its shape and its file, and ranges may not overlap. docs/FORMAT.md is the normative spec.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from statevault.errors import CorruptCheckpointError, UnsupportedFormatError
+from statevault.format import dtypes
+from statevault.format.checksum import crc32c_of, format_checksum, parse_checksum
+from statevault.format.names import is_safe_file_name
+
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 30
+_ENVELOPE = re.compile(
+    rb'^\{"format":"statevault","format_version":(\d{1,9}),'
+    rb'"checksum":"(crc32c:[0-9a-f]{8})","body":'
+)
+_ENVELOPE_END = re.compile(rb"\}\s*$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One payload shard: its name, total size and the checksum of its safetensors header."""
+
+    name: str
+    size: int
+    header_size: int  # bytes before the data section, length prefix included
+    header_checksum: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one stored array lives and what it is."""
+
+    path: str  # key path of the (first) place it occurs in the tree
+    framework: str  # "torch" | "numpy" | ...: the kind of array load gives back
+    dtype: str  # a name from format.dtypes
+    shape: tuple[int, ...]
+    file: str
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    checksum: str
+    attrs: dict[str, Any] = field(default_factory=dict)  # framework extras: device, requires_grad
+
+
+@dataclass
+class Manifest:
+    files: list[FileEntry]
+    tensors: list[TensorEntry]
+    tree: Any  # a node from format.tree
+    metadata: Any = None  # a node from format.tree: the user's metadata
+    info: dict[str, Any] = field(default_factory=dict)  # created, versions, timings, world size
+
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def serialize_manifest(manifest: Manifest) -> bytes:
+    """The bytes of ``manifest.json``: the envelope around the exact body bytes it checksums."""
+    body = {
+        "info": manifest.info,
+        "metadata": manifest.metadata,
+        "files": [asdict(f) for f in manifest.files],
+        "tensors": [_tensor_to_json(t) for t in manifest.tensors],
+        "tree": manifest.tree,
+    }
+    body_bytes = json.dumps(body, ensure_ascii=True, allow_nan=False, indent=1).encode("ascii")
+    head = (
+        f'{{"format":"statevault","format_version":{FORMAT_VERSION},'
+        f'"checksum":"{format_checksum(crc32c_of(body_bytes))}","body":'
+    ).encode("ascii")
+    return head + body_bytes + b"}\n"
+
+
+def _tensor_to_json(tensor: TensorEntry) -> dict[str, Any]:
+    row = asdict(tensor)
+    row["shape"] = list(tensor.shape)
+    if not tensor.attrs:
+        del row["attrs"]
+    return row
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """Parse and validate manifest bytes; ``where`` names the checkpoint in error messages.
+
+    Raises UnsupportedFormatError for a newer format and CorruptCheckpointError for anything else
+    that is wrong, before any of it is used.
+    """
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"{where}: manifest.json is implausibly large ({len(data)} B)")
+    doc = _parse_json(data, where)
+    version = doc.get("format_version") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or doc.get("format") != "statevault" or type(version) is not int:
+        raise CorruptCheckpointError(f"{where}: manifest.json is not a statevault manifest")
+    if version > FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{where} was written by a newer statevault (format version {version}; this one "
+            f"reads up to {FORMAT_VERSION}): upgrade statevault to load it"
+        )
+    _check_body_checksum(data, where)
+    return _Validator(where).manifest(doc.get("body"))
+
+
+def _parse_json(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise CorruptCheckpointError(
+            f"{where}: manifest.json is not valid JSON: {detail}"
+        ) from None
+
+
+def _check_body_checksum(data: bytes, where: str) -> None:
+    head = _ENVELOPE.match(data)
+    tail = _ENVELOPE_END.search(data)
+    if head is None or tail is None or tail.start() < head.end():
+        raise CorruptCheckpointError(f"{where}: manifest.json envelope is malformed")
+    body = data[head.end() : tail.start()]
+    expected = parse_checksum(head.group(2).decode("ascii"))
+    if crc32c_of(body) != expected:
+        raise CorruptCheckpointError(
+            f"{where}: manifest.json checksum mismatch: the manifest was modified or damaged"
+        )
+
+
+class _Validator:
+    """Type and range checks of a parsed body; raises CorruptCheckpointError naming the field."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, detail: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.where}: invalid manifest: {detail}")
+
+    def get(self, obj: Any, key: str, kind: type | tuple[type, ...], ctx: str) -> Any:
+        if type(obj) is not dict:
+            raise self.fail(f"{ctx} is not an object")
+        value = obj.get(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if type(value) not in kinds:
+            raise self.fail(f"{ctx}.{key} is missing or not a {kinds[0].__name__}")
+        return value
+
+    def count(self, obj: Any, key: str, ctx: str) -> int:
+        value: int = self.get(obj, key, int, ctx)
+        if value < 0:
+            raise self.fail(f"{ctx}.{key} is negative")
+        return value
+
+    def manifest(self, body: Any) -> Manifest:
+        files = [self.file(f, i) for i, f in enumerate(self.get(body, "files", list, "body"))]
+        by_name = {f.name: f for f in files}
+        if len(by_name) != len(files):
+            raise self.fail("a file is listed twice")
+        rows = self.get(body, "tensors", list, "body")
+        tensors = [self.tensor(t, i, by_name) for i, t in enumerate(rows)]
+        self.no_overlaps(tensors, by_name)
+        info = self.get(body, "info", dict, "body")
+        return Manifest(files, tensors, body.get("tree"), body.get("metadata"), info)
+
+    def file(self, row: Any, index: int) -> FileEntry:
+        ctx = f"files[{index}]"
+        name = self.get(row, "name", str, ctx)
+        if not is_safe_file_name(name):
+            raise self.fail(
+                f"{ctx}.name {name[:80]!r} is not a plain file name inside the checkpoint"
+            )
+        entry = FileEntry(
+            name=name,
+            size=self.count(row, "size", ctx),
+            header_size=self.count(row, "header_size", ctx),
+            header_checksum=self.checksum(row, "header_checksum", ctx),
+        )
+        if not 8 <= entry.header_size <= entry.size:
+            raise self.fail(f"{ctx}: header size {entry.header_size} outside the file")
+        return entry
+
+    def checksum(self, row: Any, key: str, ctx: str) -> str:
+        text: str = self.get(row, key, str, ctx)
+        try:
+            parse_checksum(text)
+        except ValueError as exc:
+            raise self.fail(f"{ctx}.{key}: {exc}") from None
+        return text
+
+    def tensor(self, row: Any, index: int, files: dict[str, FileEntry]) -> TensorEntry:
+        ctx = f"tensors[{index}]"
+        dtype_name = self.get(row, "dtype", str, ctx)
+        if dtype_name not in dtypes.DTYPES:
+            raise self.fail(f"{ctx}: unknown dtype {dtype_name[:40]!r}")
+        shape = tuple(self.get(row, "shape", list, ctx))
+        if any(type(d) is not int or d < 0 for d in shape) or len(shape) > 64:
+            raise self.fail(f"{ctx}: shape must be at most 64 non-negative ints")
+        file_name = self.get(row, "file", str, ctx)
+        if file_name not in files:
+            raise self.fail(f"{ctx}: file {file_name[:80]!r} is not listed in files")
+        entry = TensorEntry(
+            path=self.get(row, "path", str, ctx),
+            framework=self.get(row, "framework", str, ctx),
+            dtype=dtype_name,
+            shape=shape,
+            file=file_name,
+            offset=self.count(row, "offset", ctx),
+            nbytes=self.count(row, "nbytes", ctx),
+            checksum=self.checksum(row, "checksum", ctx),
+            attrs=row.get("attrs", {}) if type(row.get("attrs", {})) is dict else {},
+        )
+        expected = math.prod(shape) * dtypes.lookup(dtype_name).itemsize
+        if expected != entry.nbytes:
+            raise self.fail(
+                f"{ctx} ({entry.path}): {entry.nbytes} bytes do not match dtype {dtype_name} "
+                f"and shape {list(shape)} ({expected} bytes)"
+            )
+        file = files[file_name]
+        if entry.offset < file.header_size or entry.offset + entry.nbytes > file.size:
+            raise self.fail(f"{ctx} ({entry.path}): byte range lies outside {file_name}")
+        return entry
+
+    def no_overlaps(self, tensors: list[TensorEntry], files: dict[str, FileEntry]) -> None:
+        ranges = sorted(
+            (t.file, t.offset, t.offset + t.nbytes, t.path) for t in tensors if t.nbytes
+        )
+        for before, after in itertools.pairwise(ranges):
+            if before[0] == after[0] and after[1] < before[2]:
+                raise self.fail(f"tensors {before[3]} and {after[3]} overlap in {before[0]}")

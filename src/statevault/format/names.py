@@ -1,0 +1,26 @@
+"""Names that may appear inside a checkpoint directory.
+
+A file name read from a manifest is hostile until checked: it must be a plain name (no separator,
+no ``..``, not absolute, no control characters), so that it can never leave the directory.
+"""
+
+from __future__ import annotations
+
+import re
+
+MANIFEST_NAME = "manifest.json"
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def shard_name(index: int, rank: int = 0) -> str:
+    return f"data-r{rank:05d}-{index:05d}.safetensors"
+
+
+def is_safe_file_name(name: object) -> bool:
+    """True for a plain file name that cannot escape the checkpoint directory."""
+    return (
+        isinstance(name, str)
+        and _SHARD_NAME.match(name) is not None
+        and ".." not in name
+        and name != MANIFEST_NAME
+    )

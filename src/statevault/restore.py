@@ -1,0 +1,158 @@
+"""Restore a loaded tree into live objects (``load(into=...)``), checking the fit first.
+
+Everything is compared before anything is changed, so a strict load that raises leaves the
+targets untouched. The comparison walks target and checkpoint side by side:
+
+- arrays: same kind, shape and dtype;
+- dicts: keys the target has and the checkpoint lacks are *missing*, the reverse *unexpected*;
+  an empty dict in a target is open (an optimizer's ``state`` before its first step);
+- lists and tuples: same length; plain values are not compared (the checkpoint's win);
+- Stateful targets: their current ``state_dict()`` is the target.
+
+With ``strict=False`` whatever fits is restored: tensors are copied, a module gets the matching
+part of its state dict (``load_state_dict(strict=False)``), any other Stateful that does not fit
+is left as it is; a warning lists what was not restored and the result carries the lists.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from statevault.adapters import adapter_for
+from statevault.errors import StateMismatchError
+from statevault.format.tree import join_path
+from statevault.stateful import is_stateful
+
+
+class LoadedState(dict):  # type: ignore[type-arg]
+    """The loaded tree (a dict) with what a non-strict ``into=`` load could not restore."""
+
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.missing, self.unexpected, self.mismatched = [], [], []
+
+
+@dataclass
+class _Fit:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def extend(self, other: _Fit) -> None:
+        self.missing += other.missing
+        self.unexpected += other.unexpected
+        self.mismatched += other.mismatched
+
+
+def compare(target: Any, loaded: Any, path: str, fit: _Fit) -> None:
+    """Record in ``fit`` how ``loaded`` fails to fit ``target`` (see the module docstring)."""
+    adapter = adapter_for(target)
+    if adapter is not None:
+        problem = adapter.mismatch(target, loaded)
+        if problem is not None:
+            fit.mismatched.append(f"{path}: {problem}")
+    elif is_stateful(target):
+        compare(target.state_dict(), loaded, path, fit)
+    elif isinstance(target, Mapping):
+        _compare_mappings(target, loaded, path, fit)
+    elif isinstance(target, (list, tuple)):
+        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(target):
+            size = len(loaded) if isinstance(loaded, (list, tuple)) else type(loaded).__name__
+            fit.mismatched.append(f"{path}: {len(target)} items in the target, {size} saved")
+            return
+        for i, (t, v) in enumerate(zip(target, loaded, strict=True)):
+            compare(t, v, join_path(path, i), fit)
+
+
+def _compare_mappings(target: Mapping[Any, Any], loaded: Any, path: str, fit: _Fit) -> None:
+    if not isinstance(loaded, Mapping):
+        fit.mismatched.append(f"{path}: a mapping in the target, a {type(loaded).__name__} saved")
+        return
+    if not target:
+        return
+    fit.missing += [join_path(path, k) for k in target if k not in loaded]
+    fit.unexpected += [join_path(path, k) for k in loaded if k not in target]
+    for key in target:
+        if key in loaded:
+            compare(target[key], loaded[key], join_path(path, key), fit)
+
+
+def restore_into(into: Mapping[str, Any], loaded: Any, *, strict: bool) -> LoadedState:
+    """Check the fit of ``loaded`` into ``into``, then restore; returns the loaded tree."""
+    fit = _Fit()
+    compare(into, loaded, "", fit)
+    if strict and not fit.ok:
+        raise StateMismatchError(fit.missing, fit.unexpected, fit.mismatched)
+    result = LoadedState(loaded)
+    if isinstance(loaded, Mapping):
+        for key, target in into.items():
+            if key in loaded:
+                _apply(target, loaded[key], join_path("", key), fit)
+    result.missing, result.unexpected, result.mismatched = (
+        fit.missing,
+        fit.unexpected,
+        fit.mismatched,
+    )
+    if not fit.ok:
+        warnings.warn(
+            f"statevault: partial restore: {len(fit.missing)} missing, "
+            f"{len(fit.unexpected)} unexpected, {len(fit.mismatched)} mismatched "
+            "(see .missing / .unexpected / .mismatched on the result)",
+            stacklevel=3,
+        )
+    return result
+
+
+def _apply(target: Any, loaded: Any, path: str, fit: _Fit) -> None:
+    adapter = adapter_for(target)
+    if adapter is not None:
+        if adapter.mismatch(target, loaded) is None:
+            adapter.copy_into(target, loaded)
+    elif is_stateful(target):
+        _apply_stateful(target, loaded, path, fit)
+    elif isinstance(target, Mapping) and isinstance(loaded, Mapping):
+        for key, value in target.items():
+            if key in loaded:
+                _apply(value, loaded[key], join_path(path, key), fit)
+    elif (
+        isinstance(target, (list, tuple))
+        and isinstance(loaded, (list, tuple))
+        and len(target) == len(loaded)
+    ):
+        for i, (t, v) in enumerate(zip(target, loaded, strict=True)):
+            _apply(t, v, join_path(path, i), fit)
+
+
+def _apply_stateful(target: Any, loaded: Any, path: str, fit: _Fit) -> None:
+    own = _Fit()
+    compare(target.state_dict(), loaded, path, own)
+    if own.ok:
+        target.load_state_dict(loaded)
+        return
+    if _is_torch_module(target) and isinstance(loaded, Mapping):
+        bad = {p.split(":", 1)[0] for p in own.mismatched}
+        kind: Any = type(loaded)
+        fitting = kind((k, v) for k, v in loaded.items() if join_path(path, k) not in bad)
+        if hasattr(loaded, "_metadata"):
+            fitting._metadata = loaded._metadata
+        target.load_state_dict(fitting, strict=False)
+        return
+    fit.mismatched.append(f"{path}: not restored ({type(target).__name__} does not fit)")
+
+
+def _is_torch_module(value: Any) -> bool:
+    return any(
+        f"{kind.__module__}.{kind.__qualname__}" == "torch.nn.modules.module.Module"
+        for kind in type(value).__mro__
+    )

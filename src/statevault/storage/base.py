@@ -1,0 +1,64 @@
+"""The storage protocol: the few operations the engine needs from a place that holds bytes.
+
+Call order for one save (paths are ``/``-separated strings under one checkpoint directory)::
+
+    storage.make_dir(tmp)
+    h = storage.open_write(f"{tmp}/data-...safetensors"); h.write(view) ...; h.close()  # durable
+    ... the manifest last, the same way ...
+    commit.py then publishes ``tmp`` under its final name (rename, or nothing on object stores)
+
+and for a load: ``size`` of every file, then ``read_into`` of the byte ranges needed. Example::
+
+    storage = LocalStorage()
+    with storage.open_write("/tmp/run/x.bin") as handle:
+        handle.write(memoryview(b"payload"))
+    buffer = bytearray(7)
+    storage.read_into("/tmp/run/x.bin", 0, memoryview(buffer))
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Protocol
+
+
+class WriteHandle(Protocol):
+    """A file being written sequentially. ``close()`` returns only once the bytes are durable."""
+
+    def write(self, data: memoryview) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> WriteHandle: ...
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None: ...
+
+
+class Storage(Protocol):
+    """Byte storage under one root. Implementations: :class:`LocalStorage` (POSIX fast path)."""
+
+    def exists(self, path: str) -> bool: ...
+
+    def is_dir(self, path: str) -> bool: ...
+
+    def list_dir(self, path: str) -> list[str]: ...
+
+    def size(self, path: str) -> int: ...
+
+    def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes at ``offset``; EOFError when the file is shorter."""
+
+    def read_bytes(self, path: str, offset: int, size: int) -> bytes: ...
+
+    def open_write(self, path: str) -> WriteHandle: ...
+
+    def make_dir(self, path: str) -> None: ...
+
+    def remove_tree(self, path: str) -> None: ...
