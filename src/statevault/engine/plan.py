@@ -80,10 +80,11 @@ class _Planner:
         return None
 
     def array(self, adapter: ArrayAdapter, value: Any, path: str) -> int:
+        spec = adapter.describe(value, path)  # validates first: identity needs a plain tensor
         identity = adapter.identity(value)
         if identity is not None and identity in self.seen:
             return self.seen[identity]
-        self.leaves.append(Leaf(path, adapter, value, adapter.describe(value, path)))
+        self.leaves.append(Leaf(path, adapter, value, spec))
         index = len(self.leaves) - 1
         if identity is not None:
             self.seen[identity] = index
