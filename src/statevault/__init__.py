@@ -15,9 +15,18 @@ from statevault.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    RunLockedError,
     StateMismatchError,
     UnsupportedFormatError,
     UnsupportedValueError,
+)
+from statevault.manager import (
+    CheckpointManager,
+    KeepBest,
+    KeepEveryNSteps,
+    KeepLatest,
+    Restored,
+    RetentionPolicy,
 )
 from statevault.restore import LoadedState
 from statevault.rng import RNGState
@@ -26,10 +35,17 @@ from statevault.stateful import Stateful
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "KeepBest",
+    "KeepEveryNSteps",
+    "KeepLatest",
     "LoadedState",
     "RNGState",
+    "Restored",
+    "RetentionPolicy",
+    "RunLockedError",
     "StateMismatchError",
     "Stateful",
     "UnsupportedFormatError",

@@ -42,14 +42,27 @@ def save(state: Any, path: PathLike, *, metadata: Any = None, overwrite: bool = 
 
         sv.save({"epoch": 10, "model": model, "optimizer": opt, "loss": 0.02}, "ckpt/epoch10")
     """
-    directory = local_path(path)
+    return save_checkpoint(state, local_path(path), metadata=metadata, overwrite=overwrite)
+
+
+def save_checkpoint(
+    state: Any,
+    directory: str,
+    *,
+    metadata: Any = None,
+    overwrite: bool = False,
+    extra_info: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """:func:`save` for callers that add manifest info (the manager: run id, step, metrics)."""
     commit.check_target(directory, overwrite)
     started = time.perf_counter()
     plan = plan_save(state, metadata)
     planned = time.perf_counter()
     staged = stage(plan, copy=False)
     timings = {"prepare_s": planned - started, "stage_s": time.perf_counter() - planned}
-    return persist(plan, staged, directory, overwrite=overwrite, timings=timings)
+    return persist(
+        plan, staged, directory, overwrite=overwrite, timings=timings, extra_info=extra_info
+    )
 
 
 def persist(

@@ -10,7 +10,8 @@ type and know nothing else escaped::
     │                                   truncated or missing file, hostile or malformed metadata
     ├── UnsupportedFormatError          a format_version this statevault cannot read
     ├── StateMismatchError              the checkpoint does not fit the objects given as ``into``
-    └── UnsupportedValueError           a value in the state that the format cannot represent
+    ├── UnsupportedValueError           a value in the state that the format cannot represent
+    └── RunLockedError                  another live CheckpointManager writes this run
 
 Messages say what failed, where (key path, file) and, where there is one, how to fix it.
 """
@@ -24,6 +25,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "RunLockedError",
     "StateMismatchError",
     "UnsupportedFormatError",
     "UnsupportedValueError",
@@ -90,3 +92,7 @@ class UnsupportedValueError(CheckpointError, TypeError):
     def __init__(self, key_path: str, detail: str) -> None:
         self.key_path = key_path
         super().__init__(f"cannot save the value at {key_path or '<root>'}: {detail}")
+
+
+class RunLockedError(CheckpointError):
+    """Another live manager holds the run directory's writer lock; names the holder."""

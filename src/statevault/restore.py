@@ -4,7 +4,8 @@ Everything is compared before anything is changed, so a strict load that raises 
 targets untouched. The comparison walks target and checkpoint side by side:
 
 - arrays: same kind, shape and dtype;
-- dicts: keys the target has and the checkpoint lacks are *missing*, the reverse *unexpected*;
+- dicts: keys the target has and the checkpoint lacks are *missing*, the reverse *unexpected*
+  (only when the saved value holds arrays: a plain value is returned in the tree, not lost);
   an empty dict in a target is open (an optimizer's ``state`` before its first step);
 - lists and tuples: same length; plain values are not compared (the checkpoint's win);
 - Stateful targets: their current ``state_dict()`` is the target.
@@ -82,10 +83,23 @@ def _compare_mappings(target: Mapping[Any, Any], loaded: Any, path: str, fit: _F
     if not target:
         return
     fit.missing += [join_path(path, k) for k in target if k not in loaded]
-    fit.unexpected += [join_path(path, k) for k in loaded if k not in target]
+    # A saved plain value with no place in the target is not lost: it is in the returned tree.
+    fit.unexpected += [
+        join_path(path, k) for k in loaded if k not in target and _holds_array(loaded[k])
+    ]
     for key in target:
         if key in loaded:
             compare(target[key], loaded[key], join_path(path, key), fit)
+
+
+def _holds_array(value: Any) -> bool:
+    if adapter_for(value) is not None:
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_array(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_array(v) for v in value)
+    return False
 
 
 def restore_into(into: Mapping[str, Any], loaded: Any, *, strict: bool) -> LoadedState:

@@ -1,0 +1,15 @@
+"""A run of checkpoints: naming, retention policies, resume, preemption, the writer lock."""
+
+from statevault.manager.index import CheckpointRecord
+from statevault.manager.manager import CheckpointManager, Restored
+from statevault.manager.retention import KeepBest, KeepEveryNSteps, KeepLatest, RetentionPolicy
+
+__all__ = [
+    "CheckpointManager",
+    "CheckpointRecord",
+    "KeepBest",
+    "KeepEveryNSteps",
+    "KeepLatest",
+    "Restored",
+    "RetentionPolicy",
+]

@@ -1,0 +1,127 @@
+"""What a run directory holds: one record per checkpoint directory, read from its manifest.
+
+A directory ``step_N`` with a manifest that parses is *committed*; one whose manifest does not
+parse is *corrupt* (kept, never deleted automatically); one without a manifest is *incomplete*
+(the leftover of a deletion or of a save on a store without rename). Temporaries are listed
+apart: they are never checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from statevault.checkpoint import open_checkpoint
+from statevault.errors import CheckpointError
+from statevault.format import tree
+from statevault.format.checksum import crc32c_of, format_checksum
+from statevault.manager.naming import ANNOTATIONS_FILE, is_temporary_name, parse_step
+
+
+@dataclass
+class CheckpointRecord:
+    step: int
+    path: str
+    status: str  # "committed" | "corrupt" | "incomplete"
+    problem: str | None = None
+    run_id: str | None = None
+    created: str | None = None
+    total_bytes: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    metadata: Any = None
+    save: dict[str, Any] = field(default_factory=dict)
+    kept_because: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunScan:
+    records: dict[int, CheckpointRecord]
+    temporaries: list[str]
+
+    def committed(self) -> list[CheckpointRecord]:
+        return sorted(
+            (r for r in self.records.values() if r.status == "committed"), key=lambda r: r.step
+        )
+
+
+def scan_run(directory: str) -> RunScan:
+    """Read every checkpoint directory of a run (manifests only, no payload)."""
+    records: dict[int, CheckpointRecord] = {}
+    temporaries: list[str] = []
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    for name in names:
+        step = parse_step(name)
+        path = os.path.join(directory, name)
+        if step is not None and os.path.isdir(path) and not os.path.islink(path):
+            records[step] = read_record(path, step)
+        elif is_temporary_name(name):
+            temporaries.append(name)
+    return RunScan(records, temporaries)
+
+
+def read_record(path: str, step: int) -> CheckpointRecord:
+    if not os.path.lexists(os.path.join(path, "manifest.json")):
+        return CheckpointRecord(step, path, "incomplete", "no manifest.json")
+    try:
+        manifest = open_checkpoint(path).manifest
+    except CheckpointError as exc:
+        return CheckpointRecord(step, path, "corrupt", str(exc))
+    info = manifest.info
+    record = CheckpointRecord(
+        step=step,
+        path=path,
+        status="committed",
+        run_id=info.get("run_id") if isinstance(info.get("run_id"), str) else None,
+        created=info.get("created") if isinstance(info.get("created"), str) else None,
+        total_bytes=manifest.total_bytes(),
+        save=_dict_or_empty(info.get("save")),
+    )
+    try:
+        record.metadata = tree.decode(manifest.metadata, _no_tensors, path)
+        metrics = tree.decode(info.get("metrics"), _no_tensors, path)
+        record.metrics = dict(metrics) if isinstance(metrics, dict) else {}
+    except CheckpointError as exc:
+        return CheckpointRecord(step, path, "corrupt", str(exc))
+    if info.get("step") != step:
+        return CheckpointRecord(step, path, "corrupt", f"manifest says step {info.get('step')}")
+    record.metrics.update(read_annotations(path))
+    return record
+
+
+def _dict_or_empty(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _no_tensors(index: int) -> None:
+    raise CheckpointError("metadata cannot hold tensors")
+
+
+def read_annotations(path: str) -> dict[str, Any]:
+    """Metrics attached after the save (``annotate``); a damaged file is ignored, not trusted."""
+    try:
+        with open(os.path.join(path, ANNOTATIONS_FILE), "rb") as handle:
+            document = json.loads(handle.read(1 << 20))
+        body = document["body"]
+        expected = format_checksum(crc32c_of(_canonical(body)))
+        if document.get("checksum") != expected:
+            return {}
+        metrics = tree.decode(body["metrics"], _no_tensors, path)
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        return {}
+    return dict(metrics) if isinstance(metrics, dict) else {}
+
+
+def annotations_bytes(metrics: dict[str, Any]) -> bytes:
+    body = {"metrics": tree.encode(metrics, _reject)}
+    document = {"checksum": format_checksum(crc32c_of(_canonical(body))), "body": body}
+    return json.dumps(document, indent=1, allow_nan=False).encode()
+
+
+def _reject(value: Any, path: str) -> None:
+    return None
+
+
+def _canonical(body: Any) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()

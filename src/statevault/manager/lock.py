@@ -1,0 +1,142 @@
+"""One writer per run: an OS lock where the filesystem has one, a heartbeat lease everywhere.
+
+Rule (documented in the README):
+
+1. The writer holds ``flock(LOCK_EX)`` on ``<run>/.statevault.lock``. The kernel releases it the
+   moment the process dies (SIGKILL, OOM), so on a local disk a restarted job never waits.
+2. The file also records the holder (host, pid, start) and a heartbeat the holder rewrites every
+   ``lease_seconds / 4``. A filesystem whose flock is not shared between nodes (some NFS, CIFS
+   and Lustre mounts) cannot see another node's lock; there the heartbeat decides: a record from
+   another host whose heartbeat is younger than ``lease_seconds`` means the run is taken. A
+   record whose heartbeat is older, or from this host whose pid is no longer alive, is stale and
+   is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from statevault.errors import RunLockedError
+
+DEFAULT_LEASE_SECONDS = 60.0
+
+
+class RunLock:
+    """The writer lock of one run directory. ``acquire`` raises RunLockedError when taken."""
+
+    def __init__(self, path: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+        self.path = path
+        self.lease_seconds = lease_seconds
+        self.host = socket.gethostname()
+        self.fd: int | None = None
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            flocked = self._flock(fd)
+            holder = _read_holder(fd)
+            if holder is not None and self._held_elsewhere(holder, flocked):
+                raise RunLockedError(_describe(self.path, holder))
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self._write_holder()
+        self._heartbeat = threading.Thread(
+            target=self._beat, name="statevault-lock-heartbeat", daemon=True
+        )
+        self._heartbeat.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            self._heartbeat = None
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing drops the flock
+
+    def _flock(self, fd: int) -> bool:
+        """Take the OS lock; False where the filesystem has none."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(_describe(self.path, _read_holder(fd))) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            return False  # no flock here: the heartbeat lease alone protects the run
+        return True
+
+    def _held_elsewhere(self, holder: dict[str, Any], flocked: bool) -> bool:
+        """Whether a holder record left in the file belongs to a live writer (rule 2)."""
+        heartbeat = holder.get("heartbeat")
+        if not isinstance(heartbeat, (int, float)):
+            return False
+        if holder.get("host") == self.host:
+            if flocked:
+                return False  # on one host the flock we got is authoritative: holder is gone
+            pid = holder.get("pid")
+            return isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid)
+        return time.time() - heartbeat < self.lease_seconds
+
+    def _write_holder(self) -> None:
+        if self.fd is None:
+            return
+        record = {
+            "host": self.host,
+            "pid": os.getpid(),
+            "started": self.started,
+            "heartbeat": time.time(),
+            "lease_seconds": self.lease_seconds,
+        }
+        data = json.dumps(record).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 4):
+            with contextlib.suppress(OSError):
+                self._write_holder()
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    try:
+        data = os.pread(fd, 4096, 0)
+        holder = json.loads(data.decode()) if data.strip() else None
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(path: str, holder: dict[str, Any] | None) -> str:
+    who = "another process"
+    if holder:
+        who = f"pid {holder.get('pid')} on {holder.get('host')}"
+    return (
+        f"the run at {os.path.dirname(path)} is being written by {who} "
+        f"(lock {path}); only one CheckpointManager may write a run at a time"
+    )

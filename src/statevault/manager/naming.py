@@ -1,0 +1,34 @@
+"""Names inside a run directory.
+
+<run>/run.json                       run metadata and lineage (manager/run.py)
+<run>/.statevault.lock               the writer lock (manager/lock.py)
+<run>/step_000001000/                a committed checkpoint (manifest.json inside)
+<run>/step_000001000.tmp-<id>/       a save in flight, or the leftover of a dead one
+<run>/step_000001000.corrupt-<id>/   a corrupt checkpoint moved aside, kept for inspection
+"""
+
+from __future__ import annotations
+
+import re
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".statevault.lock"
+ANNOTATIONS_FILE = "annotations.json"
+_STEP = re.compile(r"^step_(\d{9,19})$")
+_TEMPORARY = re.compile(r"^step_\d{9,19}\.tmp-[0-9a-f]+(-old)?$")
+
+
+def step_dir_name(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"steps are non-negative, got {step}")
+    return f"step_{step:09d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step a checkpoint directory name stands for, or None for any other name."""
+    match = _STEP.match(name)
+    return int(match.group(1)) if match else None
+
+
+def is_temporary_name(name: str) -> bool:
+    return _TEMPORARY.match(name) is not None

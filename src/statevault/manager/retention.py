@@ -1,0 +1,84 @@
+"""Retention as small composable policies. A checkpoint is kept if any policy keeps it.
+
+Each policy maps the run's committed checkpoints to the steps it keeps, with a reason that
+``statevault ls`` shows ("latest 3", "every 1000 steps", "best val_loss (max)")::
+
+    policies = [KeepLatest(3), KeepEveryNSteps(10_000), KeepBest("val_loss", "min", 2)]
+    kept, deletable = decide(records, policies, protected={1200: "resumed from"})
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from statevault.manager.index import CheckpointRecord
+
+Mode = Literal["min", "max"]
+
+
+class RetentionPolicy(Protocol):
+    def keep(self, records: Sequence[CheckpointRecord]) -> dict[int, str]:
+        """The steps this policy keeps among ``records`` (committed, sorted by step), and why."""
+        ...
+
+
+@dataclass(frozen=True)
+class KeepLatest:
+    count: int
+
+    def keep(self, records: Sequence[CheckpointRecord]) -> dict[int, str]:
+        newest = sorted(r.step for r in records)[-self.count :] if self.count > 0 else []
+        return dict.fromkeys(newest, f"latest {self.count}")
+
+
+@dataclass(frozen=True)
+class KeepEveryNSteps:
+    interval: int
+
+    def keep(self, records: Sequence[CheckpointRecord]) -> dict[int, str]:
+        return {
+            r.step: f"every {self.interval} steps" for r in records if r.step % self.interval == 0
+        }
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    metric: str
+    mode: Mode = "min"
+    count: int = 1
+
+    def keep(self, records: Sequence[CheckpointRecord]) -> dict[int, str]:
+        scored = [(self.score(r.metrics[self.metric]), r.step) for r in records if self.has(r)]
+        best = sorted(scored)[: self.count]
+        return {step: f"best {self.metric} ({self.mode})" for _, step in best}
+
+    def has(self, record: CheckpointRecord) -> bool:
+        value = record.metrics.get(self.metric)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def score(self, value: float) -> float:
+        """Lower is better; NaN (a diverged run) ranks last."""
+        if math.isnan(value):
+            return math.inf
+        return value if self.mode == "min" else -value
+
+
+def decide(
+    records: Sequence[CheckpointRecord],
+    policies: Sequence[RetentionPolicy],
+    protected: Mapping[int, str],
+) -> tuple[dict[int, list[str]], list[int]]:
+    """Steps kept (with every reason) and steps to delete. No policies means keep everything."""
+    committed = sorted((r for r in records if r.status == "committed"), key=lambda r: r.step)
+    reasons: dict[int, list[str]] = {step: [why] for step, why in protected.items()}
+    if not policies:
+        for record in committed:
+            reasons.setdefault(record.step, []).append("no retention policy")
+    for policy in policies:
+        for step, why in policy.keep(committed).items():
+            reasons.setdefault(step, []).append(why)
+    deletable = [r.step for r in committed if r.step not in reasons]
+    return reasons, deletable
