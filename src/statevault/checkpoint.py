@@ -8,29 +8,24 @@ verify: open -> check files and headers -> checksum every tensor -> decode the t
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from statevault import commit
 from statevault.adapters import adapter_named
-from statevault.engine.layout import assign_files
-from statevault.engine.plan import SavePlan, plan_save
 from statevault.engine.reader import CheckpointReader
-from statevault.engine.staging import stage
-from statevault.engine.writer import PendingTensor, write_files
 from statevault.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
 )
 from statevault.format import tree as tree_codec
-from statevault.format.manifest import Manifest, TensorEntry, parse_manifest, serialize_manifest
-from statevault.format.names import MANIFEST_NAME, shard_name
+from statevault.format.manifest import Manifest, TensorEntry, parse_manifest
+from statevault.format.names import MANIFEST_NAME
 from statevault.restore import LoadedState, restore_into
-from statevault.runinfo import checkpoint_info
-from statevault.storage.local import LocalStorage, open_read, read_into_fd
+from statevault.saver import Saver
+from statevault.storage.local import open_read, read_into_fd
 
 PathLike = str | os.PathLike[str]
 
@@ -54,65 +49,11 @@ def save_checkpoint(
     extra_info: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """:func:`save` for callers that add manifest info (the manager: run id, step, metrics)."""
-    commit.check_target(directory, overwrite)
-    started = time.perf_counter()
-    plan = plan_save(state, metadata)
-    planned = time.perf_counter()
-    staged = stage(plan, copy=False)
-    timings = {"prepare_s": planned - started, "stage_s": time.perf_counter() - planned}
-    return persist(
-        plan, staged, directory, overwrite=overwrite, timings=timings, extra_info=extra_info
+    saver = Saver(asynchronous=False)
+    future = saver.save(
+        state, directory, metadata=metadata, overwrite=overwrite, extra_info=extra_info
     )
-
-
-def persist(
-    plan: SavePlan,
-    staged: list[memoryview],
-    directory: str,
-    *,
-    overwrite: bool,
-    timings: dict[str, float],
-    extra_info: Mapping[str, Any] | None = None,
-) -> Manifest:
-    """Write staged leaves and the manifest under a temporary name, then commit atomically."""
-    tmp = commit.begin(directory)
-    try:
-        started = time.perf_counter()
-        manifest = _write_payload(plan, staged, tmp)
-        timings["write_s"] = time.perf_counter() - started
-        manifest.info = checkpoint_info(plan, timings, extra_info)
-        with LocalStorage().open_write(os.path.join(tmp, MANIFEST_NAME)) as handle:
-            handle.write(memoryview(serialize_manifest(manifest)))
-        commit.publish(tmp, directory, overwrite)
-    except BaseException:
-        commit.abandon(tmp)
-        raise
-    return manifest
-
-
-def _write_payload(plan: SavePlan, staged: list[memoryview], tmp: str) -> Manifest:
-    pending = [
-        PendingTensor(
-            leaf.path,
-            leaf.adapter.framework,
-            leaf.spec.dtype,
-            leaf.spec.shape,
-            view,
-            leaf.spec.attrs,
-        )
-        for leaf, view in zip(plan.leaves, staged, strict=True)
-    ]
-    groups = assign_files([p.data.nbytes for p in pending])
-    files = [(shard_name(i), [pending[j] for j in members]) for i, members in enumerate(groups)]
-    shard_format = "pt" if "torch" in plan.frameworks() else "np"
-    file_rows, tensor_rows = write_files(
-        LocalStorage(), tmp, files, {"format": shard_format, "writer": "statevault"}
-    )
-    rows: list[TensorEntry | None] = [None] * len(pending)
-    for members, written in zip(groups, tensor_rows, strict=True):
-        for index, row in zip(members, written, strict=True):
-            rows[index] = row
-    return Manifest(file_rows, [r for r in rows if r is not None], plan.tree, plan.metadata)
+    return future.result()
 
 
 @dataclass

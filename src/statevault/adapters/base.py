@@ -5,6 +5,8 @@ One module per framework implements the same functions (the safetensors habit). 
     adapter.describe(obj, path)          -> ArraySpec (dtype name, shape, attrs)
     adapter.identity(obj)                -> a key equal for the same tensor (ties), or None
     adapter.stage(objs, copy)            -> C-contiguous little-endian bytes of each, host side
+    adapter.stage_into(objs, arena)      -> the same, copied into reusable staging memory
+    adapter.prepare_staging(objs, arena) -> ready the arena for these objects (pinning)
 
 Load path::
 
@@ -20,6 +22,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from statevault.engine.arena import StagingArena
 from statevault.format.manifest import TensorEntry
 
 
@@ -41,6 +44,10 @@ class ArrayAdapter(Protocol):
     def identity(self, obj: Any) -> Hashable | None: ...
 
     def stage(self, objs: Sequence[Any], copy: bool) -> list[memoryview]: ...
+
+    def stage_into(self, objs: Sequence[Any], arena: StagingArena) -> list[memoryview]: ...
+
+    def prepare_staging(self, objs: Sequence[Any], arena: StagingArena) -> None: ...
 
     def allocate(self, entry: TensorEntry) -> Any: ...
 

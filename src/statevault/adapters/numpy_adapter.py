@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from statevault.adapters.base import ArraySpec
+from statevault.engine.arena import StagingArena
 from statevault.errors import UnsupportedValueError
 from statevault.format import dtypes
 from statevault.format.manifest import TensorEntry
@@ -39,6 +40,18 @@ class NumpyAdapter:
 
     def stage(self, objs: Sequence[Any], copy: bool) -> list[memoryview]:
         return [memoryview(_host_bytes(obj, copy)) for obj in objs]
+
+    def stage_into(self, objs: Sequence[Any], arena: StagingArena) -> list[memoryview]:
+        views = []
+        for obj in objs:
+            view = arena.take(obj.nbytes)
+            target = np.frombuffer(view, dtype=obj.dtype.newbyteorder("<")).reshape(obj.shape)
+            np.copyto(target, obj, casting="equiv")
+            views.append(view)
+        return views
+
+    def prepare_staging(self, objs: Sequence[Any], arena: StagingArena) -> None:
+        return None  # plain host memory needs nothing beyond the prewarm
 
     def allocate(self, entry: TensorEntry) -> Any:
         return np.empty(entry.shape, dtype=_numpy_dtype(entry))

@@ -8,13 +8,16 @@ Loading fills fresh CPU tensors, then moves them to ``device`` (through pinned m
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from statevault.adapters.base import ArraySpec
+from statevault.engine.arena import StagingArena
 from statevault.errors import UnsupportedValueError
 from statevault.format import dtypes
 from statevault.format.manifest import TensorEntry
@@ -62,6 +65,32 @@ class TorchAdapter:
             torch.cuda.synchronize()
         return [_memoryview(t) for t in staged]
 
+    def stage_into(self, objs: Sequence[Any], arena: StagingArena) -> list[memoryview]:
+        """Copy into arena slices: CUDA tensors with non-blocking copies on a side stream into
+        pinned (registered) arena memory and one synchronization; CPU tensors by memcpy."""
+        cuda = [t for t in objs if t.device.type == "cuda"]
+        if cuda:
+            _pin_arena(arena)
+        stream = _side_stream() if cuda else None
+        views: list[memoryview] = []
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for tensor in objs:
+                view = arena.take(tensor.numel() * tensor.element_size())
+                views.append(view)
+                if len(view) == 0:
+                    continue
+                target = torch.frombuffer(view, dtype=torch.uint8).view(tensor.dtype)
+                with torch.no_grad():
+                    target.view(tensor.shape).copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+        if stream is not None:
+            stream.synchronize()
+        return views
+
+    def prepare_staging(self, objs: Sequence[Any], arena: StagingArena) -> None:
+        """Before a prewarm: CUDA state needs the arena page-locked (done as chunks are made)."""
+        if any(t.device.type == "cuda" for t in objs):
+            _pin_arena(arena)
+
     def allocate(self, entry: TensorEntry) -> torch.Tensor:
         return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
 
@@ -100,6 +129,32 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"this torch has no dtype {name}")
     return dtype
+
+
+def _side_stream() -> Any:
+    """A copy stream that first waits for the work already queued on the current stream."""
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream())
+    return stream
+
+
+def _pin_arena(arena: StagingArena) -> None:
+    """Page-lock every arena chunk once (cudaHostRegister), and chunks added later too."""
+    if _register_chunk not in arena.on_new_chunk:
+        arena.on_new_chunk.append(_register_chunk)
+        for chunk in arena.chunks():
+            _register_chunk(chunk)
+
+
+def _register_chunk(view: memoryview) -> None:
+    array: Any = np.frombuffer(view, dtype=np.uint8)
+    pointer = array.ctypes.data
+    runtime = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+    error = runtime.cudaHostRegister(pointer, len(view), 0)
+    if int(error) != 0:
+        raise RuntimeError(
+            f"cudaHostRegister of {len(view)} bytes of staging memory failed ({error})"
+        )
 
 
 def _check_supported(tensor: torch.Tensor, path: str) -> None:

@@ -7,6 +7,9 @@ an asynchronous save copies them, since training mutates them as soon as save() 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from statevault.engine.arena import StagingArena
 from statevault.engine.plan import SavePlan
 
 
@@ -24,3 +27,16 @@ def stage(plan: SavePlan, copy: bool) -> list[memoryview]:
                 raise RuntimeError(f"staging {plan.leaves[index].path} produced a wrong size")
             staged[index] = view
     return [view for view in staged if view is not None]
+
+
+def stage_into(plan: SavePlan, leaves: Sequence[int], arena: StagingArena) -> list[memoryview]:
+    """Copy the leaves ``leaves`` of ``plan`` into ``arena``; returns views in the same order."""
+    staged: dict[int, memoryview] = {}
+    groups: dict[int, list[int]] = {}
+    for index in leaves:
+        groups.setdefault(id(plan.leaves[index].adapter), []).append(index)
+    for indices in groups.values():
+        adapter = plan.leaves[indices[0]].adapter
+        views = adapter.stage_into([plan.leaves[i].value for i in indices], arena)
+        staged.update(zip(indices, views, strict=True))
+    return [staged[i] for i in leaves]

@@ -29,7 +29,8 @@ from types import TracebackType
 from typing import Any, Literal
 
 from statevault import commit
-from statevault.checkpoint import load, local_path, save_checkpoint
+from statevault.checkpoint import load, local_path
+from statevault.engine.plan import plan_save
 from statevault.errors import CheckpointError, CorruptCheckpointError
 from statevault.format import tree
 from statevault.manager.index import (
@@ -51,6 +52,7 @@ from statevault.manager.retention import (
     decide,
 )
 from statevault.manager.run import new_run, new_session, read_run, write_run
+from statevault.saver import SaveFuture, Saver
 from statevault.storage.local import LocalStorage, fsync_dir
 
 logger = logging.getLogger("statevault")
@@ -83,6 +85,8 @@ class CheckpointManager:
         run_metadata: Any = None,
         retention: Sequence[RetentionPolicy] | None = None,
         name: str | None = None,
+        async_save: bool = False,
+        staging_budget_bytes: int | None = None,
     ) -> None:
         self.directory = local_path(directory)
         self.save_interval_steps = save_interval_steps
@@ -103,6 +107,8 @@ class CheckpointManager:
         except BaseException:
             self._lock.release()
             raise
+        self._saver = Saver(asynchronous=async_save, staging_budget_bytes=staging_budget_bytes)
+        self._pending: tuple[int, SaveFuture] | None = None
         self._resumed_step: int | None = None
         self._last_save_time = time.monotonic()
         self._preemption = PreemptionWatcher()
@@ -135,6 +141,7 @@ class CheckpointManager:
 
     def all_steps(self) -> list[int]:
         """Steps of the committed checkpoints of this run, oldest first."""
+        self._collect(block=False)
         return [r.step for r in self._scan.committed()]
 
     def latest_step(self) -> int | None:
@@ -204,6 +211,20 @@ class CheckpointManager:
         """
         if source is not None:
             return self._fork(local_path(source), into, step, device, strict)
+        restored = self._restore_own(into, step, device, strict)
+        if into is not None:
+            # Staging memory for async saves is made ready now, in the background. A fresh run's
+            # optimizer has no moments yet: reserve for two (Adam) beside the weights.
+            self._saver.prepare(into, expected_bytes=None if restored else 3 * _bytes_of(into))
+        return restored
+
+    def _restore_own(
+        self,
+        into: Mapping[str, Any] | None,
+        step: int | None,
+        device: str | None,
+        strict: bool,
+    ) -> Restored | None:
         candidates = [step] if step is not None else list(reversed(self.all_steps()))
         for candidate in candidates:
             path = self.path(candidate)
@@ -270,6 +291,8 @@ class CheckpointManager:
         """Whether ``step`` is due: an interval is reached, or a preemption signal arrived."""
         if step in self._scan.records and self._scan.records[step].status == "committed":
             return False
+        if self._pending is not None and self._pending[0] == step:
+            return False
         if self._preemption.requested and not self._preemption_saved:
             return True
         by_steps = self.save_interval_steps is not None
@@ -297,6 +320,7 @@ class CheckpointManager:
         self._check_open()
         if not force and not self.should_save(step):
             return False
+        self._collect(block=True)  # one save in flight; raises a previous background failure
         path = self.path(step)
         self._make_room(step, force)
         extra = {
@@ -304,13 +328,25 @@ class CheckpointManager:
             "step": step,
             "metrics": tree.encode(dict(metrics or {}), _no_arrays, "metrics"),
         }
-        save_checkpoint(state, path, metadata=metadata, overwrite=force, extra_info=extra)
+        future = self._saver.save(state, path, metadata=metadata, overwrite=force, extra_info=extra)
+        self._pending = (step, future)
         self._last_save_time = time.monotonic()
         if self._preemption.requested:
             self._preemption_saved = True
-        self._scan.records[step] = read_record(path, step)
-        self._apply_retention()
+            self._collect(block=True)  # a preemption save is durable before save() returns
+        else:
+            self._collect(block=False)
         return True
+
+    def _collect(self, block: bool) -> None:
+        """Account for a finished save: index it, then apply retention (after the commit)."""
+        if self._pending is None or (not block and not self._pending[1].done()):
+            return
+        step, _ = self._pending
+        self._pending = None
+        self._saver.wait()  # the saver's one in-flight save is this one; raises its failure
+        self._scan.records[step] = read_record(self.path(step), step)
+        self._apply_retention()
 
     def _make_room(self, step: int, force: bool) -> None:
         """A corrupt or incomplete directory in the way is moved aside (never deleted)."""
@@ -364,15 +400,25 @@ class CheckpointManager:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until every save is durable (saves are synchronous: nothing to wait for)."""
+        """Block until the save in flight is durable; raises its error if it failed."""
         self._check_open()
+        self._collect(block=True)
+
+    def prepare(self, state: Mapping[str, Any]) -> None:
+        """Make async staging memory ready for ``state`` in the background (restore does it)."""
+        self._saver.prepare(state)
 
     def close(self) -> None:
+        """Wait for the save in flight, then release the run. Raises a background failure."""
         if self._closed:
             return
         self._closed = True
-        self._preemption.uninstall()
-        self._lock.release()
+        try:
+            self._collect(block=True)
+        finally:
+            self._saver.close()
+            self._preemption.uninstall()
+            self._lock.release()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -411,6 +457,10 @@ def _policies(
     if best_metric is not None:
         policies.append(KeepBest(best_metric, best_mode, keep_best))
     return policies
+
+
+def _bytes_of(state: Mapping[str, Any]) -> int:
+    return plan_save(state).total_bytes
 
 
 def _no_arrays(value: Any, path: str) -> None:

@@ -1,0 +1,261 @@
+"""The save pipeline, one code path for synchronous and asynchronous saves.
+
+    prepare (plan the tree) -> stage (host copies) -> write shards -> manifest -> commit
+
+A synchronous save stages by viewing host memory in place (the caller is blocked anyway) and
+runs every step before returning. An asynchronous save copies the state into a reusable staging
+arena and returns; a background thread writes, checksums and commits. Rules:
+
+- one save in flight: ``save`` first waits until the previous save is durable;
+- a background failure is raised by the next ``save``, ``wait`` or ``close``, never lost; it is
+  also logged when it happens;
+- the staging budget bounds host memory: a state larger than the budget is staged in pieces of
+  whole files, and every piece but the last is written before ``save`` returns, so training
+  waits for (state - budget) bytes of writing: the documented cost of a small budget;
+- interpreter exit waits for an in-flight save (the worker thread is joined at shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from statevault import commit
+from statevault.engine.arena import StagingArena
+from statevault.engine.layout import assign_files
+from statevault.engine.plan import SavePlan, plan_save
+from statevault.engine.staging import stage, stage_into
+from statevault.engine.writer import PendingTensor, write_files
+from statevault.format.manifest import FileEntry, Manifest, TensorEntry, serialize_manifest
+from statevault.format.names import MANIFEST_NAME, shard_name
+from statevault.runinfo import checkpoint_info
+from statevault.storage.local import LocalStorage
+
+logger = logging.getLogger("statevault")
+
+
+def default_staging_budget() -> int:
+    """Half of the machine's physical memory."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+@dataclass
+class _Job:
+    """One save between its stage and its commit."""
+
+    plan: SavePlan
+    directory: str
+    overwrite: bool
+    extra_info: Mapping[str, Any] | None
+    tmp: str
+    files: list[list[int]]  # leaf indices per shard file
+    timings: dict[str, float] = field(default_factory=dict)
+    file_rows: list[FileEntry] = field(default_factory=list)
+    tensor_rows: dict[int, TensorEntry] = field(default_factory=dict)
+
+    def write(self, file_indices: Sequence[int], staged: Mapping[int, memoryview]) -> None:
+        """Write the shard files ``file_indices`` from staged leaf bytes."""
+        plan = self.plan
+        batch = [
+            (
+                shard_name(i),
+                [
+                    PendingTensor(
+                        plan.leaves[j].path,
+                        plan.leaves[j].adapter.framework,
+                        plan.leaves[j].spec.dtype,
+                        plan.leaves[j].spec.shape,
+                        staged[j],
+                        plan.leaves[j].spec.attrs,
+                    )
+                    for j in self.files[i]
+                ],
+            )
+            for i in file_indices
+        ]
+        shard_format = "pt" if "torch" in plan.frameworks() else "np"
+        rows, tensors = write_files(
+            LocalStorage(), self.tmp, batch, {"format": shard_format, "writer": "statevault"}
+        )
+        self.file_rows += rows
+        for i, written in zip(file_indices, tensors, strict=True):
+            for leaf, row in zip(self.files[i], written, strict=True):
+                self.tensor_rows[leaf] = row
+
+    def finish(self) -> Manifest:
+        """Write the manifest last, then publish the directory atomically."""
+        order = sorted(self.file_rows, key=lambda f: f.name)
+        tensors = [self.tensor_rows[i] for i in range(len(self.plan.leaves))]
+        manifest = Manifest(order, tensors, self.plan.tree, self.plan.metadata)
+        manifest.info = checkpoint_info(self.plan, self.timings, self.extra_info)
+        with LocalStorage().open_write(os.path.join(self.tmp, MANIFEST_NAME)) as handle:
+            handle.write(memoryview(serialize_manifest(manifest)))
+        started = time.perf_counter()
+        commit.publish(self.tmp, self.directory, self.overwrite)
+        self.timings["commit_s"] = time.perf_counter() - started
+        return manifest
+
+
+class SaveFuture:
+    """A save in progress; ``result()`` blocks until it is durable and returns its manifest."""
+
+    def __init__(self, directory: str, future: Future[Manifest], timings: dict[str, float]):
+        self.directory = directory
+        self.timings = timings
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Manifest:
+        return self._future.result(timeout)
+
+
+class Saver:
+    """Runs saves, synchronously or in the background, one at a time (see the module doc)."""
+
+    def __init__(self, *, asynchronous: bool, staging_budget_bytes: int | None = None) -> None:
+        self.asynchronous = asynchronous
+        self.budget = staging_budget_bytes or default_staging_budget()
+        self.arena = StagingArena()
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: SaveFuture | None = None
+
+    def prepare(self, state: Any, expected_bytes: int | None = None) -> None:
+        """Get staging memory ready for ``state`` in the background, off the training path."""
+        if not self.asynchronous:
+            return
+        plan = plan_save(state)
+        for adapter, indices in _by_adapter(plan).items():
+            adapter.prepare_staging([plan.leaves[i].value for i in indices], self.arena)
+        wanted = max(plan.total_bytes, expected_bytes or 0)
+        self.arena.prewarm(min(wanted, self.budget) + 64 * len(plan.leaves))
+
+    def save(
+        self,
+        state: Any,
+        directory: str,
+        *,
+        metadata: Any = None,
+        overwrite: bool = False,
+        extra_info: Mapping[str, Any] | None = None,
+    ) -> SaveFuture:
+        self.wait()
+        started = time.perf_counter()
+        commit.check_target(directory, overwrite)
+        plan = plan_save(state, metadata)
+        timings = {"prepare_s": time.perf_counter() - started}
+        job = _Job(
+            plan,
+            directory,
+            overwrite,
+            extra_info,
+            commit.begin(directory),
+            assign_files([leaf.spec.nbytes for leaf in plan.leaves]),
+            timings,
+        )
+        try:
+            last_piece, staged = self._stage(job)
+        except BaseException:
+            commit.abandon(job.tmp)
+            raise
+        timings["blocked_s"] = time.perf_counter() - started
+        future: Future[Manifest]
+        if self.asynchronous:
+            future = self._executor().submit(self._persist, job, last_piece, staged, started)
+        else:
+            future = Future()
+            future.set_result(self._persist(job, last_piece, staged, started))
+        self._in_flight = SaveFuture(directory, future, timings)
+        return self._in_flight
+
+    def _stage(self, job: _Job) -> tuple[list[int], dict[int, memoryview]]:
+        """Stage the state; pieces beyond the budget are written first (async only)."""
+        started = time.perf_counter()
+        if not self.asynchronous:
+            views = stage(job.plan, copy=False)
+            job.timings["stage_s"] = time.perf_counter() - started
+            return list(range(len(job.files))), dict(enumerate(views))
+        pieces = _pieces(job, self.budget)
+        for piece in pieces[:-1]:
+            self.arena.reset()
+            job.write(piece, self._stage_files(job, piece))
+        self.arena.reset()
+        staged = self._stage_files(job, pieces[-1])
+        job.timings["stage_s"] = time.perf_counter() - started
+        return pieces[-1], staged
+
+    def _stage_files(self, job: _Job, file_indices: Sequence[int]) -> dict[int, memoryview]:
+        leaves = sorted(j for i in file_indices for j in job.files[i])
+        return dict(zip(leaves, stage_into(job.plan, leaves, self.arena), strict=True))
+
+    def _persist(
+        self, job: _Job, files: list[int], staged: dict[int, memoryview], started: float
+    ) -> Manifest:
+        try:
+            write_started = time.perf_counter()
+            job.write(files, staged)
+            job.timings["write_s"] = time.perf_counter() - write_started
+            manifest = job.finish()
+        except BaseException as exc:
+            commit.abandon(job.tmp)
+            logger.error("statevault: save of %s failed: %r", job.directory, exc)
+            raise
+        job.timings["durable_s"] = time.perf_counter() - started
+        info = manifest.info.get("save", {})
+        logger.info(
+            "statevault: saved %s: %.3f GiB, training blocked %.3f s, durable after %.3f s",
+            job.directory,
+            info.get("bytes", 0) / 2**30,
+            job.timings.get("blocked_s", 0.0),
+            job.timings["durable_s"],
+        )
+        return manifest
+
+    def wait(self) -> Manifest | None:
+        """Block until the save in flight is durable; raise its error if it failed."""
+        future, self._in_flight = self._in_flight, None
+        return future.result() if future is not None else None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self.arena.release()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="statevault-persist")
+        return self._pool
+
+
+def _by_adapter(plan: SavePlan, leaves: Sequence[int] | None = None) -> dict[Any, list[int]]:
+    groups: dict[Any, list[int]] = {}
+    for index in leaves if leaves is not None else range(len(plan.leaves)):
+        groups.setdefault(plan.leaves[index].adapter, []).append(index)
+    return groups
+
+
+def _pieces(job: _Job, budget: int) -> list[list[int]]:
+    """Consecutive groups of whole files, each within the budget (a lone big file excepted)."""
+    pieces: list[list[int]] = [[]]
+    used = 0
+    for index, members in enumerate(job.files):
+        size = sum(job.plan.leaves[j].spec.nbytes + 64 for j in members)
+        if pieces[-1] and used + size > budget:
+            pieces.append([])
+            used = 0
+        pieces[-1].append(index)
+        used += size
+    return pieces
