@@ -8,6 +8,7 @@ verify: open -> check files and headers -> checksum every tensor -> decode the t
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from statevault.errors import (
     CorruptCheckpointError,
 )
 from statevault.format import tree as tree_codec
-from statevault.format.manifest import Manifest, TensorEntry, parse_manifest
+from statevault.format.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, parse_manifest
 from statevault.format.names import MANIFEST_NAME
 from statevault.restore import LoadedState, restore_into
 from statevault.saver import Saver
@@ -70,16 +71,25 @@ def open_checkpoint(path: PathLike) -> OpenCheckpoint:
     """The checkpoint at ``path`` with its manifest parsed and validated (no payload read)."""
     directory = local_path(path)
     manifest_path = os.path.join(directory, MANIFEST_NAME)
-    if not os.path.isfile(manifest_path):
+    if not os.path.lexists(manifest_path):
         hint = " (an unfinished save)" if commit.is_temporary(os.path.basename(directory)) else ""
         raise CheckpointNotFoundError(f"no committed checkpoint at {directory}{hint}")
+    if not stat.S_ISREG(os.lstat(manifest_path).st_mode):  # a symlink, directory, FIFO...
+        raise CorruptCheckpointError(
+            f"{directory}: manifest.json is not a regular file (a symlink, directory or "
+            "device); statevault reads only plain files inside the checkpoint"
+        )
     try:
         fd = open_read(manifest_path)
     except OSError as exc:
         raise CorruptCheckpointError(f"{directory}: cannot open manifest.json ({exc})") from None
     try:
         size = os.fstat(fd).st_size
-        data = bytearray(min(size, 1 << 31))
+        if size > MAX_MANIFEST_BYTES:  # refuse before allocating
+            raise CorruptCheckpointError(
+                f"{directory}: manifest.json is implausibly large ({size} B)"
+            )
+        data = bytearray(size)
         read_into_fd(fd, 0, memoryview(data))
     except (OSError, EOFError) as exc:
         raise CorruptCheckpointError(f"{directory}: cannot read manifest.json ({exc})") from None
@@ -120,6 +130,11 @@ def _read_arrays(checkpoint: OpenCheckpoint, verify: bool, device: str | None) -
     if problems:
         raise CorruptCheckpointError(f"{where} is damaged: {problems[0]}", problems)
     entries = checkpoint.manifest.tensors
+    for entry in entries:  # an unknown or missing framework fails before anything is read
+        try:
+            adapter_named(entry.framework)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: tensor {entry.path}: {exc}") from None
     outcome = reader.read(range(len(entries)), _allocator(where), verify)
     if outcome.problems:
         detail = outcome.problems[0] + (
@@ -208,7 +223,7 @@ def _scratch(entry: TensorEntry) -> tuple[object, memoryview]:
 def _tree_problems(checkpoint: OpenCheckpoint) -> list[str]:
     count = len(checkpoint.manifest.tensors)
     try:
-        _decode(checkpoint, list(range(count)))
+        _decode(checkpoint, [object() for _ in range(count)])  # stand-ins: not numbers
         tree_codec.decode(checkpoint.manifest.metadata, lambda i: i, checkpoint.directory)
     except CorruptCheckpointError as exc:
         return list(exc.problems)

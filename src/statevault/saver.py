@@ -125,7 +125,7 @@ class Saver:
     def __init__(self, *, asynchronous: bool, staging_budget_bytes: int | None = None) -> None:
         self.asynchronous = asynchronous
         self.budget = staging_budget_bytes or default_staging_budget()
-        self.arena = StagingArena()
+        self.arena = StagingArena(self.budget)
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: SaveFuture | None = None
 
@@ -153,15 +153,9 @@ class Saver:
         commit.check_target(directory, overwrite)
         plan = plan_save(state, metadata)
         timings = {"prepare_s": time.perf_counter() - started}
-        job = _Job(
-            plan,
-            directory,
-            overwrite,
-            extra_info,
-            commit.begin(directory),
-            assign_files([leaf.spec.nbytes for leaf in plan.leaves]),
-            timings,
-        )
+        sizes = [leaf.spec.nbytes for leaf in plan.leaves]
+        files = assign_files(sizes, max_file_bytes=self.budget // 2 if self.asynchronous else None)
+        job = _Job(plan, directory, overwrite, extra_info, commit.begin(directory), files, timings)
         try:
             last_piece, staged = self._stage(job)
         except BaseException:

@@ -44,7 +44,10 @@ class _Chunk:
 class StagingArena:
     """Bump-allocated host memory; ``reset`` makes it all free again for the next save."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit_bytes: int | None = None) -> None:
+        # Chunks are made at least MIN_CHUNK big to limit their number, but never past a
+        # small staging budget: the budget is a promise about host memory.
+        self.min_chunk = min(MIN_CHUNK, limit_bytes) if limit_bytes else MIN_CHUNK
         self._chunks: list[_Chunk] = []
         self._lock = threading.Lock()
         self._warming: threading.Thread | None = None
@@ -100,7 +103,7 @@ class StagingArena:
             return [chunk.view for chunk in self._chunks]
 
     def _grow(self, nbytes: int, touch: bool) -> _Chunk:
-        size = max(MIN_CHUNK, -(-nbytes // _PAGE) * _PAGE)
+        size = max(self.min_chunk, -(-nbytes // _PAGE) * _PAGE)
         chunk = _Chunk(size)
         if touch:
             chunk.touch()
@@ -111,9 +114,8 @@ class StagingArena:
         return chunk
 
     def release(self) -> None:
+        """Drop the arena's memory. Not closed explicitly: a slice may still be referenced (by
+        a failed save's traceback, say), and the mapping goes when its last view does."""
         self.wait_warm()
         with self._lock:
-            chunks, self._chunks = self._chunks, []
-        for chunk in chunks:
-            chunk.view.release()
-            chunk.memory.close()
+            self._chunks = []

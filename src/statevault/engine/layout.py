@@ -16,13 +16,22 @@ MAX_FILES = 8
 
 
 def assign_files(
-    sizes: Sequence[int], max_files: int = MAX_FILES, min_file_bytes: int = MIN_FILE_BYTES
+    sizes: Sequence[int],
+    max_files: int = MAX_FILES,
+    min_file_bytes: int = MIN_FILE_BYTES,
+    max_file_bytes: int | None = None,
 ) -> list[list[int]]:
-    """Leaf indices per file, balanced by bytes (largest first onto the lightest file)."""
+    """Leaf indices per file, balanced by bytes (largest first onto the lightest file).
+
+    ``max_file_bytes`` (a staging budget) asks for enough files that each can be staged alone.
+    """
     if not sizes:
         return []
     total = sum(sizes)
-    count = max(1, min(max_files, len(sizes), math.ceil(total / min_file_bytes)))
+    count = min(max_files, math.ceil(total / min_file_bytes))
+    if max_file_bytes:
+        count = max(count, math.ceil(total / max_file_bytes))
+    count = max(1, min(count, len(sizes)))
     heap = [(0, slot) for slot in range(count)]
     files: list[list[int]] = [[] for _ in range(count)]
     for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):

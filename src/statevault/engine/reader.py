@@ -9,6 +9,7 @@ it lands. Problems are collected, not raised one by one, so that a report names 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +32,15 @@ class ReadOutcome:
     bytes_read: int = 0
 
 
+def _file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is instead."""
+    if stat.S_ISREG(mode):
+        return None
+    return (
+        "symlink" if stat.S_ISLNK(mode) else "directory" if stat.S_ISDIR(mode) else "special file"
+    )
+
+
 class CheckpointReader:
     """Reads one local checkpoint directory whose manifest has been parsed and validated."""
 
@@ -44,13 +54,21 @@ class CheckpointReader:
         for entry in self.manifest.files:
             path = os.path.join(self.directory, entry.name)
             try:
+                # lstat first: opening a FIFO would block, a symlink may lead outside.
+                kind = _file_kind(os.lstat(path).st_mode)
+                if kind is not None:
+                    problems.append(f"file {entry.name}: is a {kind}, not a regular file")
+                    continue
                 fd = open_read(path)
             except OSError as exc:
                 problems.append(f"file {entry.name}: cannot be opened ({exc.strerror})")
                 continue
             try:
-                size = os.fstat(fd).st_size
-                if size != entry.size:
+                st = os.fstat(fd)
+                size = st.st_size
+                if not stat.S_ISREG(st.st_mode):
+                    problems.append(f"file {entry.name}: is not a regular file")
+                elif size != entry.size:
                     problems.append(
                         f"file {entry.name}: {size} bytes on disk, {entry.size} in the manifest"
                         + (" (truncated)" if size < entry.size else "")
@@ -60,6 +78,13 @@ class CheckpointReader:
                     read_into_fd(fd, 0, memoryview(header))
                     if crc32c_of(header) != parse_checksum(entry.header_checksum):
                         problems.append(f"file {entry.name}: safetensors header checksum mismatch")
+                    elif 8 + int.from_bytes(header[:8], "little") != entry.header_size:
+                        problems.append(
+                            f"file {entry.name}: safetensors header length "
+                            f"{int.from_bytes(header[:8], 'little')} disagrees with the manifest"
+                        )
+            except (OSError, EOFError) as exc:
+                problems.append(f"file {entry.name}: cannot be read ({exc})")
             finally:
                 os.close(fd)
         return problems

@@ -32,6 +32,7 @@ _ENVELOPE = re.compile(
     rb'"checksum":"(crc32c:[0-9a-f]{8})","body":'
 )
 _ENVELOPE_END = re.compile(rb"\}\s*$")
+_GRAD_DTYPE_PREFIXES = ("float", "bfloat", "complex")  # the dtypes that can require gradients
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     version = doc.get("format_version") if isinstance(doc, dict) else None
     if not isinstance(doc, dict) or doc.get("format") != "statevault" or type(version) is not int:
         raise CorruptCheckpointError(f"{where}: manifest.json is not a statevault manifest")
+    if version < 1:
+        raise CorruptCheckpointError(f"{where}: manifest.json has invalid format_version {version}")
     if version > FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"{where} was written by a newer statevault (format version {version}; this one "
@@ -119,12 +122,26 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
 
 def _parse_json(data: bytes, where: str) -> Any:
     try:
-        return json.loads(data.decode("utf-8"))
+        # Strict JSON: no NaN/Infinity, no duplicate keys (other parsers would read them otherwise).
+        return json.loads(
+            data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        )
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
         raise CorruptCheckpointError(
             f"{where}: manifest.json is not valid JSON: {detail}"
         ) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key in an object")
+    return result
 
 
 def _check_body_checksum(data: bytes, where: str) -> None:
@@ -173,6 +190,9 @@ class _Validator:
         tensors = [self.tensor(t, i, by_name) for i, t in enumerate(rows)]
         self.no_overlaps(tensors, by_name)
         info = self.get(body, "info", dict, "body")
+        for key in ("tree", "metadata"):
+            if key not in body:
+                raise self.fail(f"body.{key} is missing")
         return Manifest(files, tensors, body.get("tree"), body.get("metadata"), info)
 
     def file(self, row: Any, index: int) -> FileEntry:
@@ -202,17 +222,21 @@ class _Validator:
 
     def tensor(self, row: Any, index: int, files: dict[str, FileEntry]) -> TensorEntry:
         ctx = f"tensors[{index}]"
+        path: str = self.get(row, "path", str, ctx)
+        ctx = f"{ctx} ({path[:200]})"
         dtype_name = self.get(row, "dtype", str, ctx)
         if dtype_name not in dtypes.DTYPES:
             raise self.fail(f"{ctx}: unknown dtype {dtype_name[:40]!r}")
         shape = tuple(self.get(row, "shape", list, ctx))
         if any(type(d) is not int or d < 0 for d in shape) or len(shape) > 64:
             raise self.fail(f"{ctx}: shape must be at most 64 non-negative ints")
+        if math.prod(max(d, 1) for d in shape) * dtypes.lookup(dtype_name).itemsize >= 1 << 63:
+            raise self.fail(f"{ctx}: shape is too large for any array")
         file_name = self.get(row, "file", str, ctx)
         if file_name not in files:
             raise self.fail(f"{ctx}: file {file_name[:80]!r} is not listed in files")
         entry = TensorEntry(
-            path=self.get(row, "path", str, ctx),
+            path=path,
             framework=self.get(row, "framework", str, ctx),
             dtype=dtype_name,
             shape=shape,
@@ -220,18 +244,27 @@ class _Validator:
             offset=self.count(row, "offset", ctx),
             nbytes=self.count(row, "nbytes", ctx),
             checksum=self.checksum(row, "checksum", ctx),
-            attrs=row.get("attrs", {}) if type(row.get("attrs", {})) is dict else {},
+            attrs=self.attrs(row, dtype_name, ctx),
         )
         expected = math.prod(shape) * dtypes.lookup(dtype_name).itemsize
         if expected != entry.nbytes:
             raise self.fail(
-                f"{ctx} ({entry.path}): {entry.nbytes} bytes do not match dtype {dtype_name} "
+                f"{ctx}: {entry.nbytes} bytes do not match dtype {dtype_name} "
                 f"and shape {list(shape)} ({expected} bytes)"
             )
         file = files[file_name]
         if entry.offset < file.header_size or entry.offset + entry.nbytes > file.size:
-            raise self.fail(f"{ctx} ({entry.path}): byte range lies outside {file_name}")
+            raise self.fail(f"{ctx}: byte range lies outside {file_name}")
         return entry
+
+    def attrs(self, row: dict[str, Any], dtype_name: str, ctx: str) -> dict[str, Any]:
+        attrs = self.get(row, "attrs", dict, ctx) if "attrs" in row else {}
+        for key in ("parameter", "requires_grad"):
+            if type(attrs.get(key, False)) is not bool:
+                raise self.fail(f"{ctx}.attrs.{key} is not a bool")
+        if attrs.get("requires_grad") and not dtype_name.startswith(_GRAD_DTYPE_PREFIXES):
+            raise self.fail(f"{ctx}: a {dtype_name} tensor cannot require gradients")
+        return attrs
 
     def no_overlaps(self, tensors: list[TensorEntry], files: dict[str, FileEntry]) -> None:
         ranges = sorted(

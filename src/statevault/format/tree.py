@@ -169,7 +169,10 @@ class _Decoder:
         result = self.node(value, path, MAX_DEPTH)
         if type(result) not in (int, float):
             raise self.fail(path, "expected a number")
-        return float(result)
+        try:
+            return float(result)
+        except OverflowError:
+            raise self.fail(path, "number out of range") from None
 
     def complex_(self, node: dict[str, Any], path: str, depth: int) -> complex:
         return complex(self.number(node.get("re"), path), self.number(node.get("im"), path))
@@ -201,6 +204,8 @@ class _Decoder:
                     raise self.fail(path, f"unhashable dict key {key!r}") from None
                 result[key] = self.node(pair[1], join_path(path, key), depth + 1)
         if "meta" in node:
+            if type(result) is not OrderedDict:
+                raise self.fail(path, "only an odict node may have meta")
             meta = self.node(node["meta"], join_path(path, "_metadata"), depth + 1)
             result._metadata = meta  # type: ignore[attr-defined]
         return result
@@ -213,6 +218,10 @@ class _Decoder:
 
         dtype_name = self.field(node, "dtype", str, path)
         value = self.node(node.get("v"), path, depth + 1)
+        if type(value) not in (bool, int, float, complex):
+            raise self.fail(
+                path, f"numpy scalar value must be a number, not {type(value).__name__}"
+            )
         try:
             dtype = np.dtype(dtype_name)
             if dtype.kind not in "biufc":
