@@ -191,7 +191,9 @@ def test_optimizer_state_keeps_int_keys(tmp_path: Path) -> None:
     loaded = _roundtrip({"opt": optimizer.state_dict()}, tmp_path)
     assert list(loaded["opt"]["state"]) == [0, 1]
     assert loaded["opt"]["param_groups"][0]["betas"] == (0.9, 0.999)
-    assert torch.equal(loaded["opt"]["state"][0]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+    assert torch.equal(
+        loaded["opt"]["state"][0]["exp_avg"], optimizer.state[model.weight]["exp_avg"]
+    )
 
 
 def test_module_metadata_is_kept(tmp_path: Path) -> None:
@@ -228,9 +230,7 @@ class _Opaque:
         ({"m": torch.empty(2, device="meta")}, "meta"),
     ],
 )
-def test_unsupported_values_name_their_key_path(
-    value: Any, fragment: str, tmp_path: Path
-) -> None:
+def test_unsupported_values_name_their_key_path(value: Any, fragment: str, tmp_path: Path) -> None:
     with pytest.raises(sv.UnsupportedValueError) as info:
         sv.save(value, tmp_path / "ck")
     assert fragment in str(info.value)
@@ -272,3 +272,37 @@ def test_large_state_spreads_over_files_and_shards_open_with_safetensors(tmp_pat
         seen.update(load_file(shard))
     assert set(seen) == set(state)
     assert all(torch.equal(seen[k], v) for k, v in state.items())
+
+
+def test_a_key_named_like_safetensors_metadata_keeps_shards_valid(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    sv.save({"__metadata__": torch.ones(2)}, tmp_path / "ck")
+    (shard,) = (tmp_path / "ck").glob("*.safetensors")
+    assert torch.equal(next(iter(load_file(shard).values())), torch.ones(2))
+    assert torch.equal(sv.load(tmp_path / "ck")["__metadata__"], torch.ones(2))
+
+
+def test_a_parameter_and_its_plain_alias_keep_their_types(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    loaded = _roundtrip({"sd": model.state_dict(), "w": model.weight}, tmp_path)
+    assert type(loaded["w"]) is torch.nn.Parameter
+    assert type(loaded["sd"]["weight"]) is torch.Tensor
+    assert torch.equal(loaded["w"].detach(), loaded["sd"]["weight"])
+
+
+def test_array_subclasses_and_huge_ints_are_refused_before_writing(tmp_path: Path) -> None:
+    for value in ({"m": np.matrix([[1.0]])}, {"i": 10**5000}):
+        with pytest.raises(sv.UnsupportedValueError):
+            sv.save(value, tmp_path / "ck")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_tensors_in_a_shard_are_aligned_to_their_item_size(tmp_path: Path) -> None:
+    state = {"a": torch.ones(3, dtype=torch.int8), "b": torch.ones(3, dtype=torch.int64)}
+    state |= {"c": torch.ones(1, dtype=torch.float16), "d": torch.ones(2, dtype=torch.complex128)}
+    sv.save(state, tmp_path / "ck")
+    manifest = sv.checkpoint.open_checkpoint(tmp_path / "ck").manifest
+    for row in manifest.tensors:
+        itemsize = dtypes.lookup(row.dtype).itemsize
+        assert row.offset % itemsize == 0, row.path

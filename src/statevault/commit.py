@@ -55,11 +55,22 @@ def check_target(path: str, overwrite: bool) -> None:
 
 def begin(path: str) -> str:
     """Create and return the temporary directory a save of ``path`` writes into."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    _make_parents_durable(os.path.dirname(os.path.abspath(path)))
     tmp = f"{os.path.abspath(path)}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
     os.mkdir(tmp)
     return tmp
+
+
+def _make_parents_durable(directory: str) -> None:
+    """Create missing parent directories, fsyncing each new entry into its own parent."""
+    if os.path.isdir(directory):
+        return
+    _make_parents_durable(os.path.dirname(directory))
+    try:
+        os.mkdir(directory)
+    except FileExistsError:
+        return
+    fsync_dir(os.path.dirname(directory))
 
 
 def publish(tmp: str, path: str, overwrite: bool) -> None:

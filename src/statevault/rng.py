@@ -30,7 +30,7 @@ class RNGState:
         torch = sys.modules.get("torch")
         if torch is not None:
             state["torch_cpu"] = torch.get_rng_state()
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
+            if torch.cuda.is_available():  # always, so that a fresh process has the same keys
                 state["torch_cuda"] = list(torch.cuda.get_rng_state_all())
         return state
 

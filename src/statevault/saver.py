@@ -31,6 +31,7 @@ from statevault.engine.layout import assign_files
 from statevault.engine.plan import SavePlan, plan_save
 from statevault.engine.staging import stage, stage_into
 from statevault.engine.writer import PendingTensor, write_files
+from statevault.format import dtypes
 from statevault.format.manifest import FileEntry, Manifest, TensorEntry, serialize_manifest
 from statevault.format.names import MANIFEST_NAME, shard_name
 from statevault.runinfo import checkpoint_info
@@ -57,6 +58,7 @@ class _Job:
     extra_info: Mapping[str, Any] | None
     tmp: str
     files: list[list[int]]  # leaf indices per shard file
+    asynchronous: bool
     timings: dict[str, float] = field(default_factory=dict)
     file_rows: list[FileEntry] = field(default_factory=list)
     tensor_rows: dict[int, TensorEntry] = field(default_factory=dict)
@@ -90,12 +92,13 @@ class _Job:
             for leaf, row in zip(self.files[i], written, strict=True):
                 self.tensor_rows[leaf] = row
 
-    def finish(self) -> Manifest:
+    def finish(self, started: float) -> Manifest:
         """Write the manifest last, then publish the directory atomically."""
         order = sorted(self.file_rows, key=lambda f: f.name)
         tensors = [self.tensor_rows[i] for i in range(len(self.plan.leaves))]
         manifest = Manifest(order, tensors, self.plan.tree, self.plan.metadata)
-        manifest.info = checkpoint_info(self.plan, self.timings, self.extra_info)
+        mode = "async" if self.asynchronous else "sync"
+        manifest.info = checkpoint_info(self.plan, self.timings, self.extra_info, started, mode)
         with LocalStorage().open_write(os.path.join(self.tmp, MANIFEST_NAME)) as handle:
             handle.write(memoryview(serialize_manifest(manifest)))
         started = time.perf_counter()
@@ -154,8 +157,20 @@ class Saver:
         plan = plan_save(state, metadata)
         timings = {"prepare_s": time.perf_counter() - started}
         sizes = [leaf.spec.nbytes for leaf in plan.leaves]
-        files = assign_files(sizes, max_file_bytes=self.budget // 2 if self.asynchronous else None)
-        job = _Job(plan, directory, overwrite, extra_info, commit.begin(directory), files, timings)
+        files = _aligned(
+            plan,
+            assign_files(sizes, max_file_bytes=self.budget // 2 if self.asynchronous else None),
+        )
+        job = _Job(
+            plan,
+            directory,
+            overwrite,
+            extra_info,
+            commit.begin(directory),
+            files,
+            self.asynchronous,
+            timings,
+        )
         try:
             last_piece, staged = self._stage(job)
         except BaseException:
@@ -198,7 +213,7 @@ class Saver:
             write_started = time.perf_counter()
             job.write(files, staged)
             job.timings["write_s"] = time.perf_counter() - write_started
-            manifest = job.finish()
+            manifest = job.finish(started)
         except BaseException as exc:
             commit.abandon(job.tmp)
             logger.error("statevault: save of %s failed: %r", job.directory, exc)
@@ -239,6 +254,13 @@ def _by_adapter(plan: SavePlan, leaves: Sequence[int] | None = None) -> dict[Any
     for index in leaves if leaves is not None else range(len(plan.leaves)):
         groups.setdefault(plan.leaves[index].adapter, []).append(index)
     return groups
+
+
+def _aligned(plan: SavePlan, files: list[list[int]]) -> list[list[int]]:
+    """Order each file's leaves by item size, largest first: every size is a multiple of its
+    (power of two) item size, so each tensor starts aligned to it, and views need no copy."""
+    itemsize = {i: dtypes.lookup(leaf.spec.dtype).itemsize for i, leaf in enumerate(plan.leaves)}
+    return [sorted(members, key=lambda i: (-itemsize[i], i)) for members in files]
 
 
 def _pieces(job: _Job, budget: int) -> list[list[int]]:

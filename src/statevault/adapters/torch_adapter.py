@@ -57,6 +57,8 @@ class TorchAdapter:
             tensor.dtype,
             tensor.is_conj(),
             tensor.is_neg(),
+            type(tensor) is torch.nn.Parameter,  # a Parameter and a plain alias come back apart
+            tensor.requires_grad,
         )
 
     def stage(self, objs: Sequence[Any], copy: bool) -> list[memoryview]:

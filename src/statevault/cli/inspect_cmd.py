@@ -129,7 +129,7 @@ def summary_grid(checkpoint: OpenCheckpoint, metadata: Any) -> Table:
 
 
 def info_rows(info: Mapping[str, Any]) -> list[tuple[str, RenderableType]]:
-    """Created, versions and save first, in words; any other entry as it is.."""
+    """Created, versions and save first, in words; any other entry as it is."""
     rows: list[tuple[str, RenderableType]] = []
     shown = {"created_unix"}  # repeats created
     if isinstance(info.get("created"), str):

@@ -10,6 +10,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from statevault.adapters import ArrayAdapter, ArraySpec, adapter_for
 from statevault.errors import UnsupportedValueError
 from statevault.format import tree
@@ -102,13 +104,7 @@ class _Planner:
 
 
 def _is_numpy_scalar(value: Any) -> bool:
-    kind = type(value)
-    return (
-        kind.__module__ == "numpy"
-        and hasattr(value, "dtype")
-        and hasattr(value, "item")
-        and (kind.__name__ != "ndarray")
-    )
+    return isinstance(value, np.generic)
 
 
 def plan_save(state: Any, metadata: Any = None) -> SavePlan:

@@ -8,10 +8,11 @@ Files are written in parallel threads (writes and CRC32C release the GIL) and fs
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from statevault.engine.parallel import run_parallel
 from statevault.format import dtypes
 from statevault.format.checksum import crc32c_of, format_checksum
 from statevault.format.manifest import FileEntry, TensorEntry
@@ -43,13 +44,25 @@ def write_files(
     """Write every (file name, tensors) in parallel; return the file rows and tensor rows."""
     if not files:
         return [], []
-    with ThreadPoolExecutor(max_workers=len(files), thread_name_prefix="statevault-write") as pool:
-        futures = [
-            pool.submit(write_file, storage, f"{directory}/{name}", name, tensors, shard_metadata)
-            for name, tensors in files
-        ]
-        results = [future.result() for future in futures]
+    calls = [
+        functools.partial(
+            _call_write_file, storage, f"{directory}/{name}", name, tensors, shard_metadata
+        )
+        for name, tensors in files
+    ]
+    results = run_parallel(calls, "statevault-write")
     return [r[0] for r in results], [r[1] for r in results]
+
+
+def _call_write_file(
+    storage: Storage,
+    path: str,
+    name: str,
+    tensors: Sequence[PendingTensor],
+    shard_metadata: dict[str, str],
+) -> tuple[FileEntry, list[TensorEntry]]:
+    # Looked up at call time so that tests can inject faults by patching ``write_file``.
+    return write_file(storage, path, name, tensors, shard_metadata)
 
 
 def write_file(
@@ -89,7 +102,7 @@ def write_file(
 def _header_entries(tensors: Sequence[PendingTensor]) -> list[HeaderEntry]:
     entries: list[HeaderEntry] = []
     begin = 0
-    used: set[str] = set()
+    used = {"__metadata__"}  # reserved by safetensors for the header's own metadata
     for tensor in tensors:
         row = dtypes.lookup(tensor.dtype)
         shape = tensor.shape if row.safetensors is not None else (len(tensor.data),)

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-ALIGNMENT = 8
+ALIGNMENT = 64  # the data section starts on a cache line (safetensors itself pads to 8)
 _LENGTH = struct.Struct("<Q")
 
 
@@ -27,7 +27,7 @@ class HeaderEntry:
 
 
 def encode_header(entries: Sequence[HeaderEntry], metadata: dict[str, str]) -> bytes:
-    """The header bytes (length prefix included), padded with spaces to 8-byte alignment."""
+    """The header bytes (length prefix included), padded with spaces to ALIGNMENT."""
     header: dict[str, object] = {"__metadata__": metadata}
     for entry in entries:
         header[entry.name] = {

@@ -35,6 +35,7 @@ from statevault.errors import CorruptCheckpointError, UnsupportedValueError
 
 Node = Any
 MAX_DEPTH = 200
+_MAX_INT_BITS = 13_000  # ~3,900 digits: below python's 4,300-digit limit for int <-> str
 _PLAIN_KEY_TYPES = (str, int, float, bool, type(None), bytes, tuple)
 
 # Called with (value, key_path) for every value that is not a container or plain value.
@@ -54,6 +55,8 @@ def encode(value: Any, encode_leaf: LeafEncoder, path: str = "", depth: int = 0)
     """The JSON node of ``value``; ``encode_leaf`` handles arrays and Stateful objects."""
     if depth > MAX_DEPTH:
         raise UnsupportedValueError(path, f"nesting deeper than {MAX_DEPTH} levels")
+    if type(value) is int and value.bit_length() > _MAX_INT_BITS:
+        raise UnsupportedValueError(path, "integers beyond 3900 decimal digits are not supported")
     if value is None or type(value) in (bool, int, str):
         return value
     if type(value) is float:

@@ -39,6 +39,7 @@ class CheckpointRecord:
 class RunScan:
     records: dict[int, CheckpointRecord]
     temporaries: list[str]
+    set_aside: list[str] = field(default_factory=list)  # old checkpoints of a died overwrite
 
     def committed(self) -> list[CheckpointRecord]:
         return sorted(
@@ -50,6 +51,7 @@ def scan_run(directory: str) -> RunScan:
     """Read every checkpoint directory of a run (manifests only, no payload)."""
     records: dict[int, CheckpointRecord] = {}
     temporaries: list[str] = []
+    set_aside: list[str] = []
     names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
     for name in names:
         step = parse_step(name)
@@ -57,8 +59,9 @@ def scan_run(directory: str) -> RunScan:
         if step is not None and os.path.isdir(path) and not os.path.islink(path):
             records[step] = read_record(path, step)
         elif is_temporary_name(name):
-            temporaries.append(name)
-    return RunScan(records, temporaries)
+            is_old = name.endswith("-old") and os.path.isfile(os.path.join(path, "manifest.json"))
+            (set_aside if is_old else temporaries).append(name)
+    return RunScan(records, temporaries, set_aside)
 
 
 def read_record(path: str, step: int) -> CheckpointRecord:

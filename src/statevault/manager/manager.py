@@ -131,7 +131,16 @@ class CheckpointManager:
         return run_id
 
     def _sweep_temporaries(self) -> None:
-        """Remove leftovers of dead saves. Safe: holding the run lock, no other save is live."""
+        """Remove leftovers of dead saves. Safe: holding the run lock, no other save is live.
+
+        A committed checkpoint moved aside by an overwrite that died between its two renames
+        (platforms without an atomic exchange) is put back first, never swept.
+        """
+        for name in scan_run(self.directory).set_aside:
+            original = os.path.join(self.directory, name.split(commit.TMP_MARKER)[0])
+            if not os.path.lexists(original):
+                os.rename(os.path.join(self.directory, name), original)
+                fsync_dir(self.directory)
         for name in scan_run(self.directory).temporaries:
             path = os.path.join(self.directory, name)
             logger.info("statevault: removing leftover of an interrupted save: %s", path)
@@ -326,7 +335,7 @@ class CheckpointManager:
         extra = {
             "run_id": self.run_id,
             "step": step,
-            "metrics": tree.encode(dict(metrics or {}), _no_arrays, "metrics"),
+            "metrics": tree.encode(_plain_metrics(metrics), _no_arrays, "metrics"),
         }
         future = self._saver.save(state, path, metadata=metadata, overwrite=force, extra_info=extra)
         self._pending = (step, future)
@@ -387,14 +396,14 @@ class CheckpointManager:
         best-K retention. Stored beside the manifest, which stays untouched."""
         self._check_open()
         record = self._committed_record(step)
-        merged = {**read_annotations(record.path), **dict(metrics)}
+        merged = {**read_annotations(record.path), **_plain_metrics(metrics)}
         target = os.path.join(record.path, ANNOTATIONS_FILE)
         tmp = f"{target}{commit.TMP_MARKER}{uuid.uuid4().hex[:8]}"
         with LocalStorage().open_write(tmp) as handle:
             handle.write(memoryview(annotations_bytes(merged)))
         os.replace(tmp, target)
         fsync_dir(record.path)
-        record.metrics.update(metrics)
+        record.metrics.update(_plain_metrics(metrics))
         self._apply_retention()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -457,6 +466,17 @@ def _policies(
     if best_metric is not None:
         policies.append(KeepBest(best_metric, best_mode, keep_best))
     return policies
+
+
+def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Metrics as python values: numpy scalars and 0-d tensors (a loss.item() forgotten) too."""
+    plain: dict[str, Any] = {}
+    for key, value in (metrics or {}).items():
+        is_scalar_array = getattr(value, "ndim", None) == 0 and callable(
+            getattr(value, "item", None)
+        )
+        plain[key] = value.item() if is_scalar_array else value
+    return plain
 
 
 def _bytes_of(state: Mapping[str, Any]) -> int:

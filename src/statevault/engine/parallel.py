@@ -1,0 +1,40 @@
+"""Run a few blocking calls in parallel threads and collect their results in order.
+
+Plain threads, not a ``ThreadPoolExecutor``: a save finishing in the background while the
+interpreter shuts down must still be able to start its writer threads, and executors refuse new
+work once shutdown has begun.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def run_parallel(calls: Sequence[Callable[[], T]], name: str) -> list[T]:
+    """Call each function in its own thread; re-raise the first failure after all finished."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    results: list[T | None] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def work(index: int) -> None:
+        try:
+            results[index] = calls[index]()
+        except BaseException as exc:  # re-raised in the caller's thread below
+            errors[index] = exc
+
+    threads = [
+        threading.Thread(target=work, args=(i,), name=f"{name}-{i}") for i in range(len(calls))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return [result for result in results if result is not None]
