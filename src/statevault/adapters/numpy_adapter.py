@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from statevault.adapters.base import ArraySpec
-from statevault.engine.arena import StagingArena
+from statevault.engine.arena import StagingArena, fresh_host_memory
 from statevault.errors import UnsupportedValueError
 from statevault.format import dtypes
 from statevault.format.manifest import TensorEntry
@@ -54,7 +54,13 @@ class NumpyAdapter:
         return None  # plain host memory needs nothing beyond the prewarm
 
     def allocate(self, entry: TensorEntry) -> Any:
-        return np.empty(entry.shape, dtype=_numpy_dtype(entry))
+        dtype = _numpy_dtype(entry)
+        memory = fresh_host_memory(entry.nbytes)
+        if memory is None:
+            return np.empty(entry.shape, dtype=dtype)
+        return np.frombuffer(memory, dtype=dtype, count=entry.nbytes // dtype.itemsize).reshape(
+            entry.shape
+        )
 
     def writable_bytes(self, array: Any) -> memoryview:
         return memoryview(array.reshape(-1).view(np.uint8))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from statevault.adapters.base import ArraySpec
-from statevault.engine.arena import StagingArena
+from statevault.engine.arena import StagingArena, fresh_host_memory
 from statevault.errors import UnsupportedValueError
 from statevault.format import dtypes
 from statevault.format.manifest import TensorEntry
@@ -94,7 +94,13 @@ class TorchAdapter:
             _pin_arena(arena)
 
     def allocate(self, entry: TensorEntry) -> torch.Tensor:
-        return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+        dtype = torch_dtype(entry.dtype)
+        memory = fresh_host_memory(entry.nbytes)
+        if memory is None:
+            return torch.empty(entry.shape, dtype=dtype)
+        # The tensor keeps the mapping alive; it is freed with the tensor.
+        flat = torch.frombuffer(memory, dtype=torch.uint8, count=entry.nbytes)
+        return flat.view(dtype).view(entry.shape)
 
     def writable_bytes(self, array: Any) -> memoryview:
         return _memoryview(array)
