@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from statevault._version import __version__
-from statevault.cli import inspect_cmd, render, verify_cmd
+from statevault.cli import inspect_cmd, ls_cmd, render, verify_cmd
 from statevault.cli.common import ExitCode, Handler, exit_codes_epilog
 from statevault.errors import CheckpointError, CorruptCheckpointError
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     inspect_cmd.register,
     verify_cmd.register,
+    ls_cmd.register,
 )
 
 
