@@ -71,9 +71,12 @@ def open_checkpoint(path: PathLike) -> OpenCheckpoint:
     """The checkpoint at ``path`` with its manifest parsed and validated (no payload read)."""
     directory = local_path(path)
     manifest_path = os.path.join(directory, MANIFEST_NAME)
+    if commit.is_temporary(os.path.basename(directory)):
+        # A save in flight (or dead, or the old side of an overwrite): never a checkpoint,
+        # even once its manifest is written, until it is renamed to its final name.
+        raise CheckpointNotFoundError(f"{directory} is an unfinished save, not a checkpoint")
     if not os.path.lexists(manifest_path):
-        hint = " (an unfinished save)" if commit.is_temporary(os.path.basename(directory)) else ""
-        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}{hint}")
+        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}")
     if not stat.S_ISREG(os.lstat(manifest_path).st_mode):  # a symlink, directory, FIFO...
         raise CorruptCheckpointError(
             f"{directory}: manifest.json is not a regular file (a symlink, directory or "

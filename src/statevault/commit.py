@@ -16,7 +16,7 @@ import errno
 import os
 import uuid
 
-from statevault.errors import CheckpointExistsError
+from statevault.errors import CheckpointError, CheckpointExistsError
 from statevault.format.names import MANIFEST_NAME
 from statevault.storage.local import LocalStorage, fsync_dir
 
@@ -36,6 +36,10 @@ def is_temporary(name: str) -> bool:
 
 def check_target(path: str, overwrite: bool) -> None:
     """Refuse a save whose target would destroy something: call before writing anything."""
+    if is_temporary(os.path.basename(path)):
+        raise CheckpointError(
+            f"{path}: names containing {TMP_MARKER!r} are reserved for saves in flight"
+        )
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path) or os.path.islink(path):

@@ -155,7 +155,7 @@ def checkpoint_document(
         "status": record.status,
         "problem": runs.short_problem(record, limit=400) if record.problem else None,
         "created": record.created,
-        "bytes": record.total_bytes if committed else runs.disk_bytes(record.path),
+        "bytes": runs.disk_bytes(record.path),
         "metrics": record.metrics,
         "save": {key: record.save.get(key) for key in SAVE_TIMINGS},
         "kept_because": kept.get(record.step, []) if committed and kept is not None else None,
@@ -256,17 +256,11 @@ def lineage_line(entry: dict[str, Any]) -> str:
 
 def checkpoint_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    columns: list[tuple[str, JustifyMethod]] = [
-        ("Step", "right"),
-        ("Created", "left"),
-        ("Size", "right"),
-        ("Metrics", "left"),
-        ("Save", "left"),
-        ("Status", "left"),
-        ("Kept because", "left"),
-    ]
-    for name, justify in columns:
-        table.add_column(name, justify=justify, overflow="fold")
+    table.add_column("Step", justify="right", no_wrap=True)
+    table.add_column("Created", no_wrap=True)
+    table.add_column("Size", justify="right", no_wrap=True)
+    for name in ("Metrics", "Save", "Status", "Kept because"):
+        table.add_column(name, overflow="fold")
     for row in rows:
         table.add_row(
             str(row["step"]),
@@ -304,16 +298,26 @@ def _number(value: Any) -> str:
 
 
 def save_text(save: dict[str, Any]) -> str:
-    """``sync, blocked 12.0 ms, write 10.1 ms, total 12.3 ms, 1.2 GiB/s``."""
-    parts = [str(save["mode"])] if save.get("mode") else []
-    for key in ("blocked_s", "write_s", "total_s"):
-        value = save.get(key)
-        if isinstance(value, (int, float)):
-            parts.append(f"{key[:-2]} {render.human_seconds(float(value))}")
+    """``sync 12.3 ms, 1.2 GiB/s``; ``async blocked 1.0 ms of 50.2 ms, 1.2 GiB/s``.
+
+    A sync save blocks for its whole duration; an async one only for ``blocked_s``.
+    """
+    mode = save.get("mode") if isinstance(save.get("mode"), str) else None
+    blocked, total = _number_or_none(save.get("blocked_s")), _number_or_none(save.get("total_s"))
+    parts = [mode] if mode else []
+    if mode == "async" and blocked is not None and total is not None:
+        parts.append(f"blocked {_seconds(blocked)} of {_seconds(total)}")
+    elif total is not None:
+        parts.append(_seconds(total))
+    text = " ".join(parts)
     rate = write_rate(save)
     if rate is not None:
-        parts.append(f"{render.human_bytes(int(rate))}/s")
-    return ", ".join(parts) or _NONE
+        text += f", {render.human_bytes(int(rate))}/s"
+    return text or _NONE
+
+
+def _seconds(value: float) -> str:
+    return render.human_seconds(value)
 
 
 def write_rate(save: dict[str, Any]) -> float | None:
@@ -333,7 +337,7 @@ def status_text(row: dict[str, Any]) -> RenderableType:
     status = row["status"]
     if status == "committed":
         return render.text(status, "green")
-    detail = runs.shorten(row["problem"] or "", 60)
+    detail = runs.shorten(row["problem"] or "", 48)
     return render.text(f"{status}: {detail}" if detail else status, "bold red")
 
 

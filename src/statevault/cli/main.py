@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from statevault._version import __version__
-from statevault.cli import inspect_cmd, ls_cmd, render, verify_cmd
+from statevault.cli import diff_cmd, gc_cmd, inspect_cmd, ls_cmd, render, rm_cmd, verify_cmd
 from statevault.cli.common import ExitCode, Handler, exit_codes_epilog
 from statevault.errors import CheckpointError, CorruptCheckpointError
 
@@ -43,6 +43,9 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     inspect_cmd.register,
     verify_cmd.register,
     ls_cmd.register,
+    diff_cmd.register,
+    rm_cmd.register,
+    gc_cmd.register,
 )
 
 

@@ -1,0 +1,559 @@
+"""``statevault diff A B``: what changed between two checkpoints, key path by key path.
+
+Both trees are flattened to key paths (``model/0.weight``, ``optimizer/param_groups/0/lr``) and
+compared: tensors and plain values added or removed, tensors whose shape or dtype changed, plain
+values that differ (both shown), and for every tensor present in both with the same shape
+whether it changed. The manifests decide first: equal dtype, size and checksum means identical,
+without reading a byte. Only the tensors that differ are read (checksums verified, one pair at
+a time), and for them the largest absolute difference ``max |a-b|`` and the relative L2 distance
+``||a-b|| / ||a||`` are computed in float64 (complex128 for complex). numpy does the arithmetic
+where it knows the dtype; dtypes it lacks (bfloat16, float8) go through torch, imported only
+then; without torch those rows say so. Positions where both sides are NaN, or the same infinity,
+count as equal.
+
+Exit status, as diff(1): 0 when the checkpoints are identical (under ``--only PREFIX`` if given),
+1 when they differ, 2 on errors (a path that is not a checkpoint, a damaged checkpoint).
+``--json`` prints one document::
+
+    {"a": path, "b": path, "only": prefix | null, "identical": bool,
+     "summary": {"tensors": {"added", "removed", "shape_changed", "changed", "identical"},
+                 "values": {"added", "removed", "changed", "identical"}},
+     "tensors": [{"path", "status": "added" | "removed" | "shape_changed" | "changed" |
+                  "identical", "a": {"dtype", "shape"} | null, "b": {...} | null,
+                  "dtype_changed": bool, "max_abs": float | null, "rel_l2": float | null,
+                  "note": str | null}],
+     "values": [{"path", "status": "added" | "removed" | "changed", "a", "b"}]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from statevault.checkpoint import OpenCheckpoint, open_checkpoint
+from statevault.cli import render, runs
+from statevault.cli.common import ExitCode, add_command, add_json_flag
+from statevault.errors import CheckpointError, CorruptCheckpointError
+from statevault.format import dtypes
+from statevault.format import tree as tree_codec
+from statevault.format.manifest import TensorEntry
+
+if TYPE_CHECKING:
+    from statevault.cli.common import Subparsers
+
+CHUNK_ELEMENTS = 1 << 22  # float64 temporaries stay at a few tens of MiB whatever the tensor
+TENSOR_STATUSES = ("added", "removed", "shape_changed", "changed", "identical")
+VALUE_STATUSES = ("added", "removed", "changed", "identical")
+_STYLES = {
+    "added": "green",
+    "removed": "red",
+    "shape_changed": "magenta",
+    "changed": "yellow",
+    "identical": "dim",
+}
+
+
+def register(subparsers: Subparsers) -> None:
+    parser = add_command(
+        subparsers,
+        "diff",
+        summary="compare two checkpoints: keys, shapes, dtypes, max |a-b|, relative L2",
+        description=(
+            "Compare checkpoints A and B key path by key path: tensors and plain values added "
+            "or removed, shape and dtype changes, plain values that differ, and for changed "
+            "tensors max |a-b| and ||a-b|| / ||a||. Tensors with equal manifest checksums are "
+            "identical without being read. Exits 0 when identical, 1 when they differ, 2 on "
+            "errors (as diff(1) does)."
+        ),
+        handler=run,
+    )
+    parser.add_argument("a", metavar="A", help="the first checkpoint directory")
+    parser.add_argument("b", metavar="B", help="the second checkpoint directory")
+    parser.add_argument(
+        "--only", metavar="PREFIX", help="compare only key paths under PREFIX (e.g. model)"
+    )
+    add_json_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = render.make_console()
+    try:
+        a, b = open_checkpoint(args.a), open_checkpoint(args.b)
+        result = compare(a, b, args.only)
+        measure_changed(result, a, b, console, show_progress=not args.json)
+    except CorruptCheckpointError as exc:  # damage is an error here (2), not a difference (1)
+        raise CheckpointError(str(exc)) from exc
+    if args.json:
+        render.emit_json(diff_document(result))
+    else:
+        show(console, result)
+    return ExitCode.OK if result.identical else ExitCode.PROBLEMS
+
+
+# ---- flattening -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Stands for tensor row ``index`` while the tree is flattened."""
+
+    index: int
+
+
+@dataclass
+class Flat:
+    tensors: dict[str, int] = field(default_factory=dict)  # key path -> manifest row
+    values: dict[str, Any] = field(default_factory=dict)  # key path -> plain value
+
+
+def flatten(checkpoint: OpenCheckpoint) -> Flat:
+    """Every leaf of the checkpoint's tree by key path (manifest only; nothing is read)."""
+    count = len(checkpoint.manifest.tensors)
+
+    def resolve(index: int) -> _Slot:
+        if not 0 <= index < count:
+            raise CorruptCheckpointError(f"{checkpoint.directory}: tree refers to tensor {index}")
+        return _Slot(index)
+
+    flat = Flat()
+    _walk(tree_codec.decode(checkpoint.manifest.tree, resolve, checkpoint.directory), "", flat)
+    return flat
+
+
+def _walk(node: Any, path: str, flat: Flat) -> None:
+    if isinstance(node, _Slot):
+        flat.tensors[path] = node.index
+    elif isinstance(node, Mapping) and node:
+        for key, value in node.items():
+            _walk(value, tree_codec.join_path(path, key), flat)
+    elif isinstance(node, (list, tuple)) and node:
+        for i, value in enumerate(node):
+            _walk(value, tree_codec.join_path(path, i), flat)
+    else:  # a plain value, or an empty container
+        flat.values[path] = node
+
+
+def restrict(flat: Flat, prefix: str | None) -> Flat:
+    if not prefix:
+        return flat
+    prefix = prefix.strip("/")
+
+    def keep(path: str) -> bool:
+        return path == prefix or path.startswith(prefix + "/")
+
+    return Flat(
+        {p: i for p, i in flat.tensors.items() if keep(p)},
+        {p: v for p, v in flat.values.items() if keep(p)},
+    )
+
+
+# ---- comparing --------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorRow:
+    path: str
+    status: str  # one of TENSOR_STATUSES
+    a: TensorEntry | None
+    b: TensorEntry | None
+    a_index: int | None = None
+    b_index: int | None = None
+    max_abs: float | None = None
+    rel_l2: float | None = None
+    note: str | None = None
+
+    @property
+    def dtype_changed(self) -> bool:
+        return self.a is not None and self.b is not None and self.a.dtype != self.b.dtype
+
+
+@dataclass
+class ValueRow:
+    path: str
+    status: str  # one of VALUE_STATUSES
+    a: Any
+    b: Any
+
+
+@dataclass
+class DiffResult:
+    a: str
+    b: str
+    only: str | None
+    tensors: list[TensorRow]
+    values: list[ValueRow]
+
+    @property
+    def identical(self) -> bool:
+        tensors_same = all(row.status == "identical" for row in self.tensors)
+        return tensors_same and all(row.status == "identical" for row in self.values)
+
+
+def compare(a: OpenCheckpoint, b: OpenCheckpoint, only: str | None) -> DiffResult:
+    """Compare the two trees from their manifests; changed tensors are measured later."""
+    flat_a, flat_b = restrict(flatten(a), only), restrict(flatten(b), only)
+    tensors = [
+        tensor_row(path, a, flat_a.tensors.get(path), b, flat_b.tensors.get(path))
+        for path in sorted(flat_a.tensors.keys() | flat_b.tensors.keys())
+    ]
+    values = [
+        value_row(path, flat_a.values, flat_b.values)
+        for path in sorted(flat_a.values.keys() | flat_b.values.keys())
+    ]
+    return DiffResult(a.directory, b.directory, only, tensors, values)
+
+
+def tensor_row(
+    path: str, a: OpenCheckpoint, a_index: int | None, b: OpenCheckpoint, b_index: int | None
+) -> TensorRow:
+    entry_a = a.manifest.tensors[a_index] if a_index is not None else None
+    entry_b = b.manifest.tensors[b_index] if b_index is not None else None
+    if entry_a is None or entry_b is None:
+        return TensorRow(path, "removed" if entry_b is None else "added", entry_a, entry_b)
+    if entry_a.shape != entry_b.shape:
+        status = "shape_changed"
+    elif same_bytes(entry_a, entry_b):
+        return TensorRow(path, "identical", entry_a, entry_b, max_abs=0.0, rel_l2=0.0)
+    else:
+        status = "changed"
+    return TensorRow(path, status, entry_a, entry_b, a_index, b_index)
+
+
+def same_bytes(a: TensorEntry, b: TensorEntry) -> bool:
+    """Equal dtype, size and checksum: identical without reading (CRC32C, as verify trusts)."""
+    return a.dtype == b.dtype and a.nbytes == b.nbytes and a.checksum == b.checksum
+
+
+def value_row(path: str, a: Mapping[str, Any], b: Mapping[str, Any]) -> ValueRow:
+    if path not in b:
+        return ValueRow(path, "removed", a[path], None)
+    if path not in a:
+        return ValueRow(path, "added", None, b[path])
+    status = "identical" if same_value(a[path], b[path]) else "changed"
+    return ValueRow(path, status, a[path], b[path])
+
+
+def same_value(x: Any, y: Any) -> bool:
+    """Equal and of the same type (1, 1.0 and True differ); NaN equals NaN."""
+    if type(x) is not type(y):
+        return False
+    try:
+        return bool(x == y) or bool(x != x and y != y)
+    except (TypeError, ValueError):
+        return repr(x) == repr(y)
+
+
+# ---- measuring changed tensors ----------------------------------------------------------------
+
+
+def measure_changed(
+    result: DiffResult,
+    a: OpenCheckpoint,
+    b: OpenCheckpoint,
+    console: Console,
+    *,
+    show_progress: bool,
+) -> None:
+    """Read each changed pair of tensors and fill in max |a-b| and the relative L2 distance."""
+    todo = [row for row in result.tensors if row.status == "changed"]
+    if not todo:
+        return
+    for checkpoint in (a, b):
+        problems = checkpoint.reader.file_problems(check_headers=True)
+        if problems:
+            raise CorruptCheckpointError(f"{checkpoint.directory} is damaged: {problems[0]}")
+    total = sum(_pair_bytes(row) for row in todo)
+    enabled = show_progress and len(todo) > runs.HANDFUL
+    with runs.progress(console, "Comparing tensors", total, enabled=enabled) as advance:
+        for row in todo:
+            measure(row, a, b)
+            advance(_pair_bytes(row))
+
+
+def _pair_bytes(row: TensorRow) -> int:
+    return (row.a.nbytes if row.a else 0) + (row.b.nbytes if row.b else 0)
+
+
+def measure(row: TensorRow, a: OpenCheckpoint, b: OpenCheckpoint) -> None:
+    assert row.a is not None and row.b is not None
+    assert row.a_index is not None and row.b_index is not None
+    if math.prod(row.a.shape) == 0:
+        row.max_abs, row.rel_l2 = 0.0, 0.0
+        return
+    values_a = read_tensor(a, row.a_index)
+    values_b = read_tensor(b, row.b_index)
+    try:
+        arithmetic = backend_for(row.a, row.b)
+        row.max_abs, row.rel_l2 = distances(arithmetic, values_a, row.a, values_b, row.b)
+    except _NoArithmetic as exc:
+        row.note = str(exc)
+
+
+def read_tensor(checkpoint: OpenCheckpoint, index: int) -> bytearray:
+    """The raw bytes of tensor ``index``, checksum verified."""
+    outcome = checkpoint.reader.read([index], _scratch, verify=True)
+    if outcome.problems:
+        where = checkpoint.directory
+        raise CorruptCheckpointError(f"{where} is damaged: {outcome.problems[0]}", outcome.problems)
+    buffer = outcome.arrays[index]
+    assert isinstance(buffer, bytearray)
+    return buffer
+
+
+def _scratch(entry: TensorEntry) -> tuple[object, memoryview]:
+    buffer = bytearray(entry.nbytes)
+    return buffer, memoryview(buffer)
+
+
+class _NoArithmetic(Exception):
+    """These two tensors cannot be compared numerically here (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """An array library: ``flat`` views raw bytes as a flat array, ``wide`` widens a slice."""
+
+    xp: Any
+    flat: Callable[[bytearray, TensorEntry], Any]
+    wide: Callable[[Any], Any]
+
+
+def backend_for(a: TensorEntry, b: TensorEntry) -> Arithmetic:
+    """numpy when it knows both dtypes; otherwise torch (imported now), or _NoArithmetic."""
+    if _numpy_dtype(a) is not None and _numpy_dtype(b) is not None:
+        return Arithmetic(np, _numpy_flat, _numpy_wide)
+    try:
+        import torch
+    except ImportError:
+        raise _NoArithmetic(
+            f"comparing {a.dtype}/{b.dtype} values needs torch: pip install 'statevault[torch]'"
+        ) from None
+    return Arithmetic(torch, _torch_flat, _torch_wide)
+
+
+def _numpy_dtype(entry: TensorEntry) -> np.dtype[Any] | None:
+    name = dtypes.lookup(entry.dtype).numpy
+    return np.dtype(name).newbyteorder("<") if name is not None else None
+
+
+def _numpy_flat(buffer: bytearray, entry: TensorEntry) -> Any:
+    return np.frombuffer(buffer, dtype=_numpy_dtype(entry))
+
+
+def _numpy_wide(chunk: Any) -> Any:
+    return chunk.astype(np.complex128 if chunk.dtype.kind == "c" else np.float64)
+
+
+def _torch_flat(buffer: bytearray, entry: TensorEntry) -> Any:
+    import torch
+
+    from statevault.adapters.torch_adapter import torch_dtype
+
+    try:
+        return torch.frombuffer(buffer, dtype=torch_dtype(entry.dtype))
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise _NoArithmetic(f"torch cannot read {entry.dtype} values: {exc}") from None
+
+
+def _torch_wide(chunk: Any) -> Any:
+    import torch
+
+    try:
+        return chunk.to(torch.complex128 if chunk.is_complex() else torch.float64)
+    except (TypeError, RuntimeError) as exc:
+        raise _NoArithmetic(f"torch cannot widen {chunk.dtype} to float64: {exc}") from None
+
+
+def distances(
+    arithmetic: Arithmetic, bytes_a: bytearray, a: TensorEntry, bytes_b: bytearray, b: TensorEntry
+) -> tuple[float, float]:
+    """``(max |a-b|, ||a-b|| / ||a||)`` in float64, a slice at a time."""
+    flat_a, flat_b = arithmetic.flat(bytes_a, a), arithmetic.flat(bytes_b, b)
+    totals = _Totals()
+    with np.errstate(all="ignore"):  # inf - inf and NaN are expected: handled in add()
+        for start in range(0, len(flat_a), CHUNK_ELEMENTS):
+            chunk_a = arithmetic.wide(flat_a[start : start + CHUNK_ELEMENTS])
+            chunk_b = arithmetic.wide(flat_b[start : start + CHUNK_ELEMENTS])
+            totals.add(arithmetic.xp, chunk_a, chunk_b)
+    return totals.max_abs, relative(totals.sum_sq_diff, totals.sum_sq_a)
+
+
+@dataclass
+class _Totals:
+    max_abs: float = 0.0
+    sum_sq_diff: float = 0.0
+    sum_sq_a: float = 0.0
+
+    def add(self, xp: Any, a: Any, b: Any) -> None:
+        """Fold in one slice; positions equal on both sides (NaN and NaN too) differ by 0."""
+        magnitude = xp.abs(a - b)
+        largest = float(magnitude.max())
+        if math.isnan(largest):  # a NaN, or inf - inf: the slow path sorts out which are equal
+            equal = (a == b) | (xp.isnan(a) & xp.isnan(b))
+            magnitude = xp.where(equal, 0, magnitude)
+            largest = float(magnitude.max())
+        if math.isnan(largest) or largest > self.max_abs:
+            self.max_abs = largest  # a NaN on one side only sticks: nothing compares greater
+        self.sum_sq_diff += float(xp.linalg.norm(magnitude)) ** 2
+        self.sum_sq_a += float(xp.linalg.norm(a)) ** 2
+
+
+def relative(sum_sq_diff: float, sum_sq_a: float) -> float:
+    if sum_sq_a > 0:
+        return math.sqrt(sum_sq_diff) / math.sqrt(sum_sq_a)
+    return 0.0 if sum_sq_diff == 0 else math.inf
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def diff_document(result: DiffResult) -> dict[str, Any]:
+    return {
+        "a": result.a,
+        "b": result.b,
+        "only": result.only,
+        "identical": result.identical,
+        "summary": summary(result),
+        "tensors": [tensor_document(row) for row in result.tensors],
+        "values": [
+            {"path": row.path, "status": row.status, "a": row.a, "b": row.b}
+            for row in result.values
+            if row.status != "identical"
+        ],
+    }
+
+
+def summary(result: DiffResult) -> dict[str, dict[str, int]]:
+    return {
+        "tensors": {s: sum(r.status == s for r in result.tensors) for s in TENSOR_STATUSES},
+        "values": {s: sum(r.status == s for r in result.values) for s in VALUE_STATUSES},
+    }
+
+
+def tensor_document(row: TensorRow) -> dict[str, Any]:
+    return {
+        "path": row.path,
+        "status": row.status,
+        "a": _entry_document(row.a),
+        "b": _entry_document(row.b),
+        "dtype_changed": row.dtype_changed,
+        "max_abs": row.max_abs,
+        "rel_l2": row.rel_l2,
+        "note": row.note,
+    }
+
+
+def _entry_document(entry: TensorEntry | None) -> dict[str, Any] | None:
+    return {"dtype": entry.dtype, "shape": list(entry.shape)} if entry is not None else None
+
+
+def show(console: Console, result: DiffResult) -> None:
+    console.print(render.text(f"A  {result.a}"))
+    console.print(render.text(f"B  {result.b}"))
+    if result.only:
+        console.print(render.text(f"only key paths under {result.only}"))
+    console.print()
+    if result.tensors:
+        console.print(tensor_table(result.tensors))
+    changed_values = [row for row in result.values if row.status != "identical"]
+    if changed_values:
+        console.print()
+        console.print(value_table(changed_values))
+    console.print()
+    console.print(verdict(result))
+
+
+def tensor_table(rows: list[TensorRow]) -> Table:
+    table = Table(title="Tensors", box=None, header_style="bold", pad_edge=False)
+    table.add_column("Key path", overflow="fold", min_width=_path_width(r.path for r in rows))
+    table.add_column("Status", no_wrap=True)
+    table.add_column("Dtype, shape", overflow="fold")
+    table.add_column("max |a-b|", justify="right", no_wrap=True, min_width=11)
+    table.add_column("rel L2", justify="right", no_wrap=True, min_width=11)
+    if any(row.note for row in rows):
+        table.add_column("Note", overflow="fold")
+    for row in rows:
+        cells = [
+            render.text(_display_path(row.path)),
+            render.text(_status_label(row), _STYLES[row.status]),
+            render.text(_describe_pair(row.a, row.b)),
+            Text(_number(row.max_abs)),
+            Text(_number(row.rel_l2)),
+        ]
+        if len(table.columns) > len(cells):
+            cells.append(render.text(row.note or ""))
+        table.add_row(*cells)
+    return table
+
+
+def _path_width(paths: Iterable[str]) -> int:
+    """Key paths stay whole up to 40 characters however narrow the terminal."""
+    return min(40, max((len(_display_path(p)) for p in paths), default=8))
+
+
+def _status_label(row: TensorRow) -> str:
+    label = row.status.replace("_", " ")
+    return f"{label} (dtype)" if row.dtype_changed and row.status == "changed" else label
+
+
+def _describe_pair(a: TensorEntry | None, b: TensorEntry | None) -> str:
+    """``float32 [3, 4]`` when both sides agree, else ``float32 [3] -> float32 [4]``."""
+    described = [f"{e.dtype} {render.format_shape(e.shape)}" for e in (a, b) if e is not None]
+    return " -> ".join(dict.fromkeys(described))
+
+
+def _number(value: float | None) -> str:
+    return f"{value:.6g}" if value is not None else "—"
+
+
+def _display_path(path: str) -> str:
+    return path or "<root>"
+
+
+def value_table(rows: list[ValueRow]) -> Table:
+    table = Table(title="Plain values", box=None, header_style="bold", pad_edge=False)
+    table.add_column("Key path", overflow="fold", min_width=_path_width(r.path for r in rows))
+    table.add_column("Status", no_wrap=True)
+    table.add_column("A", overflow="fold")
+    table.add_column("B", overflow="fold")
+    for row in rows:
+        table.add_row(
+            render.text(_display_path(row.path)),
+            render.text(row.status, _STYLES[row.status]),
+            render.text(_shown(row.a) if row.status != "added" else "—"),
+            render.text(_shown(row.b) if row.status != "removed" else "—"),
+        )
+    return table
+
+
+def _shown(value: Any) -> str:
+    return runs.shorten(repr(value), 200)
+
+
+def verdict(result: DiffResult) -> Text:
+    counts = summary(result)
+    if result.identical:
+        return render.text("Identical", "bold green")
+    tensor_words = [
+        f"{count} {status.replace('_', ' ')}"
+        for status, count in counts["tensors"].items()
+        if count
+    ]
+    value_words = [
+        f"{count} {status}"
+        for status, count in counts["values"].items()
+        if count and status != "identical"
+    ]
+    text = render.text("Differ", "bold red")
+    text.append(render.printable(f": tensors {', '.join(tensor_words) or 'none'}"))
+    if value_words:
+        text.append(f"; plain values {', '.join(value_words)}")
+    return text

@@ -1,0 +1,148 @@
+"""``statevault gc RUN``: find a run's garbage, and delete it with ``--yes``.
+
+Garbage is what no reader will ever load: temporaries (``*.tmp-*``: leftovers of saves that
+died), incomplete step directories (no manifest: a crash mid-deletion), and the old copy of a
+checkpoint that has been replaced since. ``--corrupt`` adds corrupt checkpoints (a manifest that
+does not parse) and the damaged ones the manager set aside (``*.corrupt-*``): kept by default,
+for inspection. ``--keep-last N``, ``--keep-every N`` and ``--best-metric M [--best-mode]
+[--keep-best K]`` add the run's own committed checkpoints that such a policy would not keep;
+the newest committed checkpoint, and checkpoints written by another run, are never deleted.
+
+A dry run by default; ``--yes`` deletes (manifest first). Refuses while a live CheckpointManager
+holds the run (exit 2, naming it) unless ``--force``, and holds the run's lock while it looks
+and deletes. ``--json`` prints ``rm``'s document with ``"run"`` added::
+
+    {"run": path, "dry_run": bool, "bytes": int, "notes": [str],
+     "items": [{"path", "name", "kind", "step", "reason", "bytes", "deleted"}]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TYPE_CHECKING
+
+from statevault.checkpoint import local_path
+from statevault.cli import render, rm_cmd, runs
+from statevault.cli.common import add_command, add_json_flag
+from statevault.cli.rm_cmd import Deletion, Found
+from statevault.commit import TMP_MARKER
+from statevault.errors import CheckpointNotFoundError
+from statevault.manager.index import RunScan, scan_run
+from statevault.manager.naming import parse_step
+from statevault.manager.retention import RetentionPolicy
+
+if TYPE_CHECKING:
+    from statevault.cli.common import Subparsers
+
+
+def register(subparsers: Subparsers) -> None:
+    parser = add_command(
+        subparsers,
+        "gc",
+        summary="find a run's garbage (temporaries, incomplete, corrupt); delete with --yes",
+        description=(
+            "Find what no reader will load in a run directory: leftovers of interrupted saves "
+            "and deletions, and with --corrupt damaged checkpoints; with retention flags also "
+            "checkpoints outside that policy (never the newest). Dry run unless --yes."
+        ),
+        handler=run,
+    )
+    parser.add_argument("run", metavar="RUN", help="a run directory")
+    parser.add_argument(
+        "--corrupt", action="store_true", help="also corrupt checkpoints and *.corrupt-* dirs"
+    )
+    runs.add_retention_arguments(parser)
+    rm_cmd.add_destructive_flags(parser)
+    add_json_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = local_path(args.run)
+    if not runs.is_run_dir(run_dir):
+        raise CheckpointNotFoundError(f"{run_dir} is not a statevault run directory")
+    policies = runs.policies_from_args(args)
+    return rm_cmd.carry_out(
+        [run_dir],
+        lambda: find_garbage(run_dir, corrupt=args.corrupt, policies=policies),
+        args,
+        extra={"run": run_dir},
+    )
+
+
+def find_garbage(run_dir: str, *, corrupt: bool, policies: list[RetentionPolicy]) -> Found:
+    scan = scan_run(run_dir)
+    found = Found([])
+    found.items += leftovers(run_dir, scan, found.notes)
+    found.items += damaged(run_dir, scan, corrupt, found.notes)
+    if policies:
+        found.items += outside_retention(run_dir, scan, policies, found.notes)
+    found.items.sort(key=lambda item: (item.step if item.step is not None else -1, item.name))
+    return found
+
+
+def _item(run_dir: str, name: str, kind: str, reason: str) -> Deletion:
+    path = os.path.join(run_dir, name)
+    step = parse_step(name.split(".", 1)[0])
+    return Deletion(path, name, kind, step, reason, runs.disk_bytes(path))
+
+
+def leftovers(run_dir: str, scan: RunScan, notes: list[str]) -> list[Deletion]:
+    """Temporaries, incomplete step directories and replaced checkpoints' old copies."""
+    items = [
+        _item(run_dir, name, "temporary", "leftover of an interrupted save")
+        for name in scan.temporaries
+    ]
+    items += [
+        _item(run_dir, name, "temporary", "leftover of an interrupted run.json update")
+        for name in sorted(os.listdir(run_dir))
+        if runs.RUN_FILE_TEMPORARY.match(name)
+    ]
+    incomplete = "no manifest.json: leftover of an interrupted deletion or save"
+    items += [
+        _item(run_dir, os.path.basename(r.path), "incomplete", incomplete)
+        for r in scan.records.values()
+        if r.status == "incomplete"
+    ]
+    for name in scan.set_aside:
+        step = parse_step(name.split(TMP_MARKER, 1)[0])
+        record = scan.records.get(step) if step is not None else None
+        if record is not None and record.status == "committed":
+            items.append(_item(run_dir, name, "set-aside", "old copy of a replaced checkpoint"))
+        else:
+            notes.append(f"kept {name}: the only copy of its checkpoint (a manager restores it)")
+    return items
+
+
+def damaged(run_dir: str, scan: RunScan, corrupt: bool, notes: list[str]) -> list[Deletion]:
+    records = [r for r in scan.records.values() if r.status == "corrupt"]
+    aside = runs.corrupt_aside_names(run_dir)
+    if not corrupt:
+        if records or aside:
+            count = render.plural(len(records) + len(aside), "damaged checkpoint")
+            notes.append(f"kept {count} for inspection; pass --corrupt to delete them")
+        return []
+    items = [
+        _item(run_dir, os.path.basename(r.path), "corrupt", runs.short_problem(r)) for r in records
+    ]
+    items += [
+        _item(run_dir, name, "corrupt-aside", "damaged checkpoint set aside by the manager")
+        for name in aside
+    ]
+    return items
+
+
+def outside_retention(
+    run_dir: str, scan: RunScan, policies: list[RetentionPolicy], notes: list[str]
+) -> list[Deletion]:
+    """The run's own committed checkpoints that ``policies`` would not keep."""
+    header = runs.read_header(run_dir)
+    if header.run_id is None:
+        notes.append("no run.json: cannot tell this run's checkpoints, none deleted by retention")
+        return []
+    _, deletable = runs.retention_reasons(scan, header.run_id, policies)
+    reason = f"outside retention ({runs.describe_policies(policies)})"
+    return [
+        _item(run_dir, os.path.basename(scan.records[step].path), "checkpoint", reason)
+        for step in deletable
+    ]
