@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statevault import commit
-from statevault.adapters import adapter_named
+from statevault.adapters import adapter_named, known_frameworks
 from statevault.engine.reader import CheckpointReader
 from statevault.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
 )
+from statevault.format import dtypes
 from statevault.format import tree as tree_codec
 from statevault.format.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, parse_manifest
 from statevault.format.names import MANIFEST_NAME
@@ -202,15 +203,11 @@ def verify(path: PathLike) -> VerifyReport:
     except CorruptCheckpointError as exc:
         report.problems.extend(exc.problems)
         return report
-    except CheckpointNotFoundError:
-        raise
-    except CheckpointError as exc:
-        report.problems.append(str(exc))
-        return report
     manifest = checkpoint.manifest
     report.files, report.tensors = len(manifest.files), len(manifest.tensors)
     report.problems.extend(checkpoint.reader.file_problems(check_headers=True))
     report.problems.extend(_tree_problems(checkpoint))
+    report.problems.extend(_loadability_problems(manifest))
     if not report.problems:
         outcome = checkpoint.reader.read(range(len(manifest.tensors)), _scratch, verify=True)
         report.problems.extend(outcome.problems)
@@ -227,10 +224,28 @@ def _tree_problems(checkpoint: OpenCheckpoint) -> list[str]:
     count = len(checkpoint.manifest.tensors)
     try:
         _decode(checkpoint, [object() for _ in range(count)])  # stand-ins: not numbers
-        tree_codec.decode(checkpoint.manifest.metadata, lambda i: i, checkpoint.directory)
+        tree_codec.decode(
+            checkpoint.manifest.metadata, _no_tensor_in_metadata, checkpoint.directory
+        )
     except CorruptCheckpointError as exc:
         return list(exc.problems)
     return []
+
+
+def _no_tensor_in_metadata(index: int) -> Any:
+    raise CorruptCheckpointError(f"metadata refers to tensor {index}: metadata holds no arrays")
+
+
+def _loadability_problems(manifest: Manifest) -> list[str]:
+    """What load would refuse although the bytes are intact: an unknown array kind, or a
+    dtype the array kind cannot hold (numpy has no bfloat16)."""
+    problems = []
+    for entry in manifest.tensors:
+        if entry.framework not in known_frameworks():
+            problems.append(f"tensor {entry.path}: unknown array kind {entry.framework[:40]!r}")
+        elif entry.framework == "numpy" and dtypes.lookup(entry.dtype).numpy is None:
+            problems.append(f"tensor {entry.path}: numpy has no dtype {entry.dtype}")
+    return problems
 
 
 def local_path(path: PathLike) -> str:

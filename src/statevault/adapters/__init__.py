@@ -11,9 +11,9 @@ import sys
 from typing import Any
 
 from statevault.adapters.base import ArrayAdapter, ArraySpec
-from statevault.errors import CheckpointError
+from statevault.errors import CheckpointError, UnsupportedFormatError
 
-__all__ = ["ArrayAdapter", "ArraySpec", "adapter_for", "adapter_named"]
+__all__ = ["ArrayAdapter", "ArraySpec", "adapter_for", "adapter_named", "known_frameworks"]
 
 # framework name -> (module that must already be imported for its values to exist, adapter)
 _KNOWN = {
@@ -28,7 +28,10 @@ def adapter_named(framework: str) -> ArrayAdapter:
     if framework in _LOADED:
         return _LOADED[framework]
     if framework not in _KNOWN:
-        raise CheckpointError(f"arrays of framework {framework!r} are not supported")
+        raise UnsupportedFormatError(
+            f"arrays of framework {framework[:40]!r} are not known to this statevault "
+            "(written by a newer one, or damaged)"
+        )
     _, module_name, class_name, extra = _KNOWN[framework]
     try:
         module = importlib.import_module(module_name)
@@ -40,6 +43,10 @@ def adapter_named(framework: str) -> ArrayAdapter:
     adapter: ArrayAdapter = getattr(module, class_name)()
     _LOADED[framework] = adapter
     return adapter
+
+
+def known_frameworks() -> frozenset[str]:
+    return frozenset(_KNOWN)
 
 
 def adapter_for(value: Any) -> ArrayAdapter | None:

@@ -20,7 +20,7 @@ def is_safe_file_name(name: object) -> bool:
     """True for a plain file name that cannot escape the checkpoint directory."""
     return (
         isinstance(name, str)
-        and _SHARD_NAME.match(name) is not None
+        and _SHARD_NAME.fullmatch(name) is not None
         and ".." not in name
         and name != MANIFEST_NAME
     )
