@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from statevault.checkpoint import OpenCheckpoint, open_checkpoint
+from statevault.checkpoint import OpenCheckpoint, local_path, open_checkpoint
 from statevault.cli import render, runs
 from statevault.cli.common import ExitCode, add_command, add_json_flag
 from statevault.errors import CheckpointError, CorruptCheckpointError
@@ -86,7 +86,7 @@ def register(subparsers: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     console = render.make_console()
     try:
-        a, b = open_checkpoint(args.a), open_checkpoint(args.b)
+        a, b = open_diffable(args.a), open_diffable(args.b)
         result = compare(a, b, args.only)
         measure_changed(result, a, b, console, show_progress=not args.json)
     except CorruptCheckpointError as exc:  # damage is an error here (2), not a difference (1)
@@ -96,6 +96,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         show(console, result)
     return ExitCode.OK if result.identical else ExitCode.PROBLEMS
+
+
+def open_diffable(path: str) -> OpenCheckpoint:
+    """The checkpoint at ``path``; a run directory is refused with a hint to name a step."""
+    if not runs.is_checkpoint_dir(local_path(path)) and runs.is_run_dir(local_path(path)):
+        raise runs.UsageError(
+            f"{path} is a run directory, not a checkpoint: name one of its step_* directories "
+            "(`statevault ls` lists them)"
+        )
+    return open_checkpoint(path)
 
 
 # ---- flattening -------------------------------------------------------------------------------
@@ -288,10 +298,9 @@ def measure(row: TensorRow, a: OpenCheckpoint, b: OpenCheckpoint) -> None:
     if math.prod(row.a.shape) == 0:
         row.max_abs, row.rel_l2 = 0.0, 0.0
         return
-    values_a = read_tensor(a, row.a_index)
-    values_b = read_tensor(b, row.b_index)
     try:
         arithmetic = backend_for(row.a, row.b)
+        values_a, values_b = read_tensor(a, row.a_index), read_tensor(b, row.b_index)
         row.max_abs, row.rel_l2 = distances(arithmetic, values_a, row.a, values_b, row.b)
     except _NoArithmetic as exc:
         row.note = str(exc)

@@ -63,16 +63,13 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointNotFoundError(f"{run_dir} is not a statevault run directory")
     policies = runs.policies_from_args(args)
     return rm_cmd.carry_out(
-        [run_dir],
-        lambda: find_garbage(run_dir, corrupt=args.corrupt, policies=policies),
-        args,
-        extra={"run": run_dir},
+        [run_dir], lambda: find_garbage(run_dir, corrupt=args.corrupt, policies=policies), args
     )
 
 
 def find_garbage(run_dir: str, *, corrupt: bool, policies: list[RetentionPolicy]) -> Found:
     scan = scan_run(run_dir)
-    found = Found([])
+    found = Found([], run=run_dir)
     found.items += leftovers(run_dir, scan, found.notes)
     found.items += damaged(run_dir, scan, corrupt, found.notes)
     if policies:

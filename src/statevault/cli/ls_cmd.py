@@ -14,11 +14,14 @@ Only manifests and small JSON files are read, never tensor payload, and the run'
 is never taken: ``ls`` works beside a live training job. ``--json`` prints one document::
 
     run:  {"kind": "run", "path", "run": {"name", "run_id", "created", "config", "sessions",
-           "last_session": {"started", "host", "pid", "git"} | null, "lineage": [...]},
-           "writer": {"host", "pid"} | null, "retention": str | null,
-           "checkpoints": [{"step", "path", "status", "problem", "created", "bytes",
-                            "metrics", "save": {"mode", "bytes", "blocked_s", "write_s", "total_s",
-                            "write_gib_s"}, "kept_because": [str] | null}],
+           "last_session": {"started", "host", "pid", "git"} | null,
+           "lineage": [{"session", "started", "resumed_from" | "forked_from": {...}}]},
+           "writer": {"host", "pid"} | null,  (a live manager holding the run)
+           "retention": str | null,  (the policy given by flags)
+           "checkpoints": [{"step", "path", "status", "problem", "created", "bytes" (on disk),
+                            "metrics", "save": {"mode", "bytes", "blocked_s", "write_s",
+                            "total_s", "write_gib_s"},
+                            "kept_because": [str] | null}],  ([]: the policy would delete it)
            "temporaries": [{"name", "path", "kind", "state", "bytes"}]}
     root: {"kind": "root", "path", "metric", "mode",
            "runs": [{"name", "path", "run_id", "checkpoints", "latest_step", "best": {"metric",

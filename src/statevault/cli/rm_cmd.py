@@ -55,10 +55,20 @@ def register(subparsers: Subparsers) -> None:
         "paths", nargs="+", metavar="PATH", help="checkpoint directories, or one RUN with --step"
     )
     parser.add_argument(
-        "--step", type=int, action="append", metavar="N", help="a step of RUN (repeatable)"
+        "--step", type=_step, action="append", metavar="N", help="a step of RUN (repeatable)"
     )
     add_destructive_flags(parser)
     add_json_flag(parser)
+
+
+def _step(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a step number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"steps are non-negative, got {value}")
+    return value
 
 
 def add_destructive_flags(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +117,7 @@ def step_targets(paths: Sequence[str], steps: Sequence[int]) -> list[str]:
 
 def path_targets(paths: Sequence[str]) -> list[str]:
     """Every path checked before anything is deleted; UsageError for a foreign one."""
-    targets = [local_path(path) for path in dict.fromkeys(paths)]
+    targets = list(dict.fromkeys(local_path(path) for path in paths))
     for path in targets:
         if not os.path.lexists(path):
             raise CheckpointNotFoundError(f"no such directory: {path}")
@@ -156,6 +166,7 @@ class Found:
 
     items: list[Deletion]
     notes: list[str] = field(default_factory=list)
+    run: str | None = None  # gc: the one run looked at (paths are shown relative to it)
 
 
 def parents(paths: Sequence[str]) -> list[str]:
@@ -166,7 +177,6 @@ def carry_out(
     run_dirs: Sequence[str],
     find: Callable[[], Found],
     args: argparse.Namespace,
-    extra: dict[str, Any] | None = None,
 ) -> int:
     """Hold the runs' locks (refusing live ones), find, delete unless a dry run, print.
 
@@ -180,8 +190,7 @@ def carry_out(
         if args.yes:
             delete(found.items, console, show_progress=not args.json)
     if args.json:
-        document = {**(extra or {}), "dry_run": not args.yes, **deletion_document(found)}
-        render.emit_json(document)
+        render.emit_json({"dry_run": not args.yes, **deletion_document(found)})
     else:
         show(console, found, dry_run=not args.yes)
     return ExitCode.OK
@@ -208,7 +217,9 @@ def remove(path: str) -> None:
 
 
 def deletion_document(found: Found) -> dict[str, Any]:
+    run = {"run": found.run} if found.run is not None else {}
     return {
+        **run,
         "bytes": sum(item.bytes for item in found.items),
         "items": [asdict(item) for item in found.items],
         "notes": found.notes,
@@ -217,6 +228,8 @@ def deletion_document(found: Found) -> dict[str, Any]:
 
 def show(console: Console, found: Found, *, dry_run: bool) -> None:
     items = found.items
+    if found.run is not None:
+        console.print(render.text(f"Run {found.run}"))
     for note in found.notes:
         console.print(render.text(f"Note: {note}"))
     if not items:
@@ -230,7 +243,7 @@ def show(console: Console, found: Found, *, dry_run: bool) -> None:
     table.add_column("Size", justify="right", no_wrap=True)
     for item in items:
         table.add_row(
-            render.text(item.path),
+            render.text(os.path.relpath(item.path, found.run) if found.run else item.path),
             render.text(item.kind),
             str(item.step) if item.step is not None else "",
             render.text(item.reason),

@@ -313,7 +313,10 @@ def add_retention_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -349,10 +352,26 @@ def retention_reasons(
     own = [r for r in committed if run_id is not None and r.run_id == run_id]
     protected = {committed[-1].step: "newest"} if committed else {}
     kept, deletable = decide(own, policies, protected)
+    own_steps = {r.step for r in own}
     for record in committed:
-        if record not in own:
+        if record.step not in own_steps:
             kept[record.step] = ["written by another run"]
     return kept, deletable
+
+
+def describe_policies(policies: Sequence[RetentionPolicy]) -> str:
+    """``"latest 3, every 1000 steps, best 2 by loss (min)"``; ``"—"`` without policies."""
+    words = []
+    for policy in policies:
+        if isinstance(policy, KeepLatest):
+            words.append(f"latest {policy.count}")
+        elif isinstance(policy, KeepEveryNSteps):
+            words.append(f"every {policy.interval} steps")
+        elif isinstance(policy, KeepBest):
+            words.append(f"best {policy.count} by {policy.metric} ({policy.mode})")
+        else:
+            words.append(repr(policy))
+    return ", ".join(words) or "—"
 
 
 # ---- the writer lock, from outside ------------------------------------------------------------
@@ -415,7 +434,9 @@ def exclusive_run(run: str, *, force: bool) -> Iterator[None]:
     if force or not os.path.isfile(path):
         yield
         return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    # Read-write, as the manager opens it: NFS emulates flock with POSIX locks, and an
+    # exclusive POSIX lock needs a descriptor open for writing. Nothing is written.
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     try:
         if not _try_flock(fd, run):  # no flock on this filesystem: the heartbeat rule decides
             _refuse_if_live(run, read_holder(run))
@@ -431,7 +452,7 @@ def _try_flock(fd: int, run: str) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise _locked(read_holder(run)) from None
+        raise _locked(run, read_holder(run)) from None
     except OSError as exc:
         if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
@@ -441,14 +462,14 @@ def _try_flock(fd: int, run: str) -> bool:
 
 def _refuse_if_live(run: str, holder: Holder | None) -> None:
     if holder is not None and holder.live():
-        raise _locked(holder)
+        raise _locked(run, holder)
 
 
-def _locked(holder: Holder | None) -> RunLockedError:
+def _locked(run: str, holder: Holder | None) -> RunLockedError:
     who = holder.describe() if holder is not None else "another process"
     return RunLockedError(
-        f"a live CheckpointManager ({who}) holds this run; stop it first, or pass --force "
-        "if you are sure that nothing writes the run"
+        f"the run at {run} is held by a live CheckpointManager ({who}); stop it first, or "
+        "pass --force if you are sure that nothing writes the run"
     )
 
 
@@ -474,18 +495,3 @@ def progress(
     with Progress(console=console, transient=True, disable=not show) as bar:
         task = bar.add_task(description, total=total)
         yield lambda amount: bar.advance(task, amount)
-
-
-def describe_policies(policies: Sequence[RetentionPolicy]) -> str:
-    """``"latest 3, every 1000 steps, best 2 by loss (min)"``; ``"—"`` without policies."""
-    words = []
-    for policy in policies:
-        if isinstance(policy, KeepLatest):
-            words.append(f"latest {policy.count}")
-        elif isinstance(policy, KeepEveryNSteps):
-            words.append(f"every {policy.interval} steps")
-        elif isinstance(policy, KeepBest):
-            words.append(f"best {policy.count} by {policy.metric} ({policy.mode})")
-        else:
-            words.append(repr(policy))
-    return ", ".join(words) or "—"
