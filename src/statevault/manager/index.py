@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statevault.checkpoint import open_checkpoint
-from statevault.errors import CheckpointError
+from statevault.errors import CheckpointError, CheckpointNotFoundError
 from statevault.format import tree
 from statevault.format.checksum import crc32c_of, format_checksum
 from statevault.manager.naming import ANNOTATIONS_FILE, is_temporary_name, parse_step
@@ -69,6 +69,8 @@ def read_record(path: str, step: int) -> CheckpointRecord:
         return CheckpointRecord(step, path, "incomplete", "no manifest.json")
     try:
         manifest = open_checkpoint(path).manifest
+    except CheckpointNotFoundError:  # deleted between the listing and now
+        return CheckpointRecord(step, path, "incomplete", "deleted while scanning")
     except CheckpointError as exc:
         return CheckpointRecord(step, path, "corrupt", str(exc))
     info = manifest.info

@@ -27,6 +27,9 @@ from typing import Any
 from statevault.errors import RunLockedError
 
 DEFAULT_LEASE_SECONDS = 60.0
+# Lock files held by this process: without flock, a record naming our own pid is ours only if
+# we still hold it, and a second manager of this process must be refused like any other.
+_HELD_HERE: set[str] = set()
 
 
 class RunLock:
@@ -42,6 +45,9 @@ class RunLock:
         self._heartbeat: threading.Thread | None = None
 
     def acquire(self) -> None:
+        key = os.path.realpath(self.path)
+        if key in _HELD_HERE:
+            raise RunLockedError(_describe(self.path, {"pid": os.getpid(), "host": self.host}))
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             flocked = self._flock(fd)
@@ -52,6 +58,7 @@ class RunLock:
             os.close(fd)
             raise
         self.fd = fd
+        _HELD_HERE.add(key)
         self._write_holder()
         self._heartbeat = threading.Thread(
             target=self._beat, name="statevault-lock-heartbeat", daemon=True
@@ -63,6 +70,7 @@ class RunLock:
         if self._heartbeat is not None:
             self._heartbeat.join()
             self._heartbeat = None
+        _HELD_HERE.discard(os.path.realpath(self.path))
         if self.fd is not None:
             fd, self.fd = self.fd, None
             with contextlib.suppress(OSError):

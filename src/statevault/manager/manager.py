@@ -105,6 +105,7 @@ class CheckpointManager:
             self._sweep_temporaries()
             self._scan: RunScan = scan_run(self.directory)
         except BaseException:
+            self._closed = True
             self._lock.release()
             raise
         self._saver = Saver(asynchronous=async_save, staging_budget_bytes=staging_budget_bytes)
@@ -136,12 +137,16 @@ class CheckpointManager:
         A committed checkpoint moved aside by an overwrite that died between its two renames
         (platforms without an atomic exchange) is put back first, never swept.
         """
-        for name in scan_run(self.directory).set_aside:
+        scan = scan_run(self.directory)
+        leftovers = list(scan.temporaries)
+        for name in scan.set_aside:
             original = os.path.join(self.directory, name.split(commit.TMP_MARKER)[0])
-            if not os.path.lexists(original):
+            if os.path.lexists(original):
+                leftovers.append(name)  # the overwrite finished: the old copy is garbage
+            else:
                 os.rename(os.path.join(self.directory, name), original)
                 fsync_dir(self.directory)
-        for name in scan_run(self.directory).temporaries:
+        for name in leftovers:
             path = os.path.join(self.directory, name)
             logger.info("statevault: removing leftover of an interrupted save: %s", path)
             LocalStorage().remove_tree(path)
@@ -234,9 +239,23 @@ class CheckpointManager:
         device: str | None,
         strict: bool,
     ) -> Restored | None:
-        candidates = [step] if step is not None else list(reversed(self.all_steps()))
+        self._collect(block=False)
+        if step is not None:
+            candidates = [step]
+        else:  # newest first; damaged ones are named as they are passed over
+            candidates = sorted(
+                (r.step for r in self._scan.records.values() if r.status != "incomplete"),
+                reverse=True,
+            )
         for candidate in candidates:
             path = self.path(candidate)
+            record = self._scan.records.get(candidate)
+            if step is None and record is not None and record.status == "corrupt":
+                warnings.warn(
+                    f"statevault: skipping damaged checkpoint {path}: {record.problem}",
+                    stacklevel=3,
+                )
+                continue
             try:
                 state = load(path, into=into, device=device, strict=strict)
             except CorruptCheckpointError as exc:
@@ -289,7 +308,14 @@ class CheckpointManager:
 
     @property
     def preempted(self) -> bool:
-        """True once a preemption signal arrived: save (should_save says so) and exit."""
+        """True once a preemption signal arrived *and* the save it asked for is durable: the
+        loop may exit. (A signal landing after ``should_save`` returned False is honoured at
+        the next step: ``should_save`` is True there, and ``preempted`` only after that save.)"""
+        return self._preemption.requested and self._preemption_saved
+
+    @property
+    def preemption_requested(self) -> bool:
+        """True as soon as SIGTERM / SIGUSR1 (or ``request_preemption``) arrived."""
         return self._preemption.requested
 
     def request_preemption(self) -> None:
@@ -419,7 +445,7 @@ class CheckpointManager:
 
     def close(self) -> None:
         """Wait for the save in flight, then release the run. Raises a background failure."""
-        if self._closed:
+        if getattr(self, "_closed", True):
             return
         self._closed = True
         try:

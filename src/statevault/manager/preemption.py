@@ -8,6 +8,7 @@ clobbered; the previous handlers are put back on ``uninstall``.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import warnings
@@ -22,6 +23,7 @@ class PreemptionWatcher:
         self.event = threading.Event()
         self.signal_number: int | None = None
         self._previous: dict[int, Any] = {}
+        self._active = False
 
     @property
     def requested(self) -> bool:
@@ -42,17 +44,25 @@ class PreemptionWatcher:
         for number in PREEMPTION_SIGNALS:
             self._previous[number] = signal.getsignal(number)
             signal.signal(number, self._handle)
+        self._active = True
 
     def uninstall(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for number, previous in self._previous.items():
+        self._active = False
+        for number, previous in list(self._previous.items()):
             if signal.getsignal(number) == self._handle:
                 signal.signal(number, previous)
-        self._previous.clear()
+                del self._previous[number]
+        # A handler installed after ours still chains to ours: we stay a pass-through.
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
-        self.request(number)
+        if self._active:
+            self.request(number)
         previous = self._previous.get(number)
         if callable(previous):
             previous(number, frame)
+        elif not self._active and previous == signal.SIG_DFL:
+            # Closed, and the handler before ours was the default: act as the default would.
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
