@@ -26,8 +26,10 @@ class ExitCode(enum.IntEnum):
 
 
 EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
-    ExitCode.OK: "success: the checkpoint is sound",
-    ExitCode.PROBLEMS: "damaged checkpoint: every problem is printed, naming its leaf or file",
+    ExitCode.OK: "success: the checkpoint is sound; diff: the checkpoints are identical",
+    ExitCode.PROBLEMS: (
+        "problems found: a damaged checkpoint (each problem named); diff: they differ"
+    ),
     ExitCode.USAGE: "usage error, no checkpoint at PATH, unsupported format or storage, I/O error",
     ExitCode.INTERNAL: "internal error: a bug in statevault (a traceback is printed)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",

@@ -4,11 +4,15 @@ Usage::
 
     statevault inspect PATH [--json]    metadata, save info and arrays (manifest only)
     statevault verify PATH [--json]     check every byte against the manifest
+    statevault ls PATH [--json]         a run's checkpoints, or the runs under a directory
+    statevault diff A B [--json]        what changed between two checkpoints
+    statevault rm PATH... [--yes]       delete checkpoints (dry run without --yes)
+    statevault gc RUN [--yes]           delete leftovers of crashed saves (dry run without --yes)
 
 Exit codes (scripts can rely on them)::
 
-    0     success: the checkpoint is sound
-    1     damaged checkpoint: every problem is printed, naming its leaf or file
+    0     success: the checkpoint is sound; diff: the checkpoints are identical
+    1     problems found: a damaged checkpoint (each problem named); diff: they differ
     2     usage error, no checkpoint at PATH, unsupported format or storage, I/O error
     3     internal error: a bug in statevault (a traceback is printed)
     130   interrupted (Ctrl-C)
@@ -72,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="statevault",
-        description="Inspect and verify statevault checkpoints.",
+        description="Inspect, verify, list, compare and clean up statevault checkpoints.",
         epilog=exit_codes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
