@@ -28,23 +28,32 @@ from statevault.format.names import MANIFEST_NAME
 from statevault.restore import LoadedState, restore_into
 from statevault.saver import Saver
 from statevault.storage.local import open_read, read_into_fd
+from statevault.storage.location import Location, resolve
 
 PathLike = str | os.PathLike[str]
 
 
-def save(state: Any, path: PathLike, *, metadata: Any = None, overwrite: bool = False) -> Manifest:
-    """Save ``state`` as a committed checkpoint at ``path``; returns its manifest.
+def save(
+    state: Any,
+    path: PathLike,
+    *,
+    metadata: Any = None,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """Save ``state`` as a committed checkpoint at ``path`` (a path or any fsspec URL).
 
-    Example::
+    Returns its manifest. ``storage_options`` go to fsspec (endpoint, credentials). Example::
 
         sv.save({"epoch": 10, "model": model, "optimizer": opt, "loss": 0.02}, "ckpt/epoch10")
     """
-    return save_checkpoint(state, local_path(path), metadata=metadata, overwrite=overwrite)
+    target = resolve(path, storage_options)
+    return save_checkpoint(state, target, metadata=metadata, overwrite=overwrite)
 
 
 def save_checkpoint(
     state: Any,
-    directory: str,
+    directory: str | Location,
     *,
     metadata: Any = None,
     overwrite: bool = False,
@@ -60,17 +69,31 @@ def save_checkpoint(
 
 @dataclass
 class OpenCheckpoint:
-    directory: str
+    location: Location
     manifest: Manifest
 
     @property
+    def directory(self) -> str:
+        """The checkpoint's path or URL, as messages show it."""
+        return self.location.url
+
+    @property
     def reader(self) -> CheckpointReader:
-        return CheckpointReader(self.directory, self.manifest)
+        return CheckpointReader(self.location, self.manifest)
 
 
-def open_checkpoint(path: PathLike) -> OpenCheckpoint:
+def open_checkpoint(
+    path: PathLike | Location, storage_options: Mapping[str, Any] | None = None
+) -> OpenCheckpoint:
     """The checkpoint at ``path`` with its manifest parsed and validated (no payload read)."""
-    directory = local_path(path)
+    location = resolve(path, storage_options)
+    if commit.is_temporary(location.name):
+        # A save in flight (or dead, or the old side of an overwrite): never a checkpoint,
+        # even once its manifest is written, until it is renamed to its final name.
+        raise CheckpointNotFoundError(f"{location.url} is an unfinished save, not a checkpoint")
+    if not location.local:
+        return OpenCheckpoint(location, _parse_remote_manifest(location))
+    directory = location.path
     manifest_path = os.path.join(directory, MANIFEST_NAME)
     if commit.is_temporary(os.path.basename(directory)):
         # A save in flight (or dead, or the old side of an overwrite): never a checkpoint,
@@ -99,7 +122,22 @@ def open_checkpoint(path: PathLike) -> OpenCheckpoint:
         raise CorruptCheckpointError(f"{directory}: cannot read manifest.json ({exc})") from None
     finally:
         os.close(fd)
-    return OpenCheckpoint(directory, parse_manifest(bytes(data), directory))
+    return OpenCheckpoint(location, parse_manifest(bytes(data), directory))
+
+
+def _parse_remote_manifest(location: Location) -> Manifest:
+    manifest = location.join(MANIFEST_NAME)
+    try:
+        size = location.storage.size(manifest.path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no committed checkpoint at {location.url}") from None
+    if size > MAX_MANIFEST_BYTES:  # refuse before allocating
+        raise CorruptCheckpointError(f"{location.url}: manifest.json is implausibly large")
+    try:
+        data = location.storage.read_bytes(manifest.path, 0, size)
+    except (EOFError, FileNotFoundError) as exc:
+        raise CorruptCheckpointError(f"{location.url}: cannot read manifest.json ({exc})") from None
+    return parse_manifest(data, location.url)
 
 
 def load(
@@ -109,6 +147,7 @@ def load(
     device: str | None = None,
     strict: bool = True,
     verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load the checkpoint at ``path``: the saved tree, tensors and plain values included.
 
@@ -119,7 +158,7 @@ def load(
         state = sv.load("ckpt/epoch10", into={"model": model, "optimizer": opt})
         epoch = state["epoch"]
     """
-    checkpoint = open_checkpoint(path)
+    checkpoint = open_checkpoint(path, storage_options)
     arrays = _read_arrays(checkpoint, verify, device)
     loaded = _decode(checkpoint, arrays)
     if into is None:
@@ -187,7 +226,7 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(path: PathLike) -> VerifyReport:
+def verify(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
     """Check every byte of a checkpoint against its manifest without loading it.
 
     Example::
@@ -196,10 +235,10 @@ def verify(path: PathLike) -> VerifyReport:
         if not report.ok:
             print("\\n".join(report.problems))
     """
-    directory = local_path(path)
-    report = VerifyReport(directory)
+    location = resolve(path, storage_options)
+    report = VerifyReport(location.url)
     try:
-        checkpoint = open_checkpoint(directory)
+        checkpoint = open_checkpoint(location)
     except CorruptCheckpointError as exc:
         report.problems.extend(exc.problems)
         return report

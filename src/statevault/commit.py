@@ -6,6 +6,9 @@ the directory, then renames it to ``<name>`` and fsyncs the parent. Replacing a 
 checkpoint swaps the two directories with one atomic ``renameat2(RENAME_EXCHANGE)`` so that no
 instant exists without a committed checkpoint at ``<name>``; the old one, now under the temporary
 name, is deleted manifest first. Temporaries are never listed or loaded; the manager sweeps them.
+
+On object stores (no rename) the manifest is the last object written: :class:`ObjectCommit`.
+One rule, two protocols.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import uuid
 from statevault.errors import CheckpointError, CheckpointExistsError
 from statevault.format.names import MANIFEST_NAME
 from statevault.storage.local import LocalStorage, fsync_dir
+from statevault.storage.location import Location
 
 TMP_MARKER = ".tmp-"
 _RENAME_EXCHANGE = 2
@@ -131,3 +135,79 @@ def _exchange(a: str, b: str) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(code, os.strerror(code), b)
+
+
+class LocalCommit:
+    """The rename protocol (see the module docstring), for local directories."""
+
+    def check_target(self, target: Location, overwrite: bool) -> None:
+        check_target(target.path, overwrite)
+
+    def begin(self, target: Location) -> Location:
+        tmp = begin(target.path)
+        return Location(target.storage, tmp, tmp)
+
+    def shard_tag(self) -> str:
+        return ""
+
+    def before_manifest(self, target: Location, overwrite: bool) -> None:
+        return None  # the old checkpoint stays until the rename swaps it out
+
+    def publish(self, written: Location, target: Location, overwrite: bool) -> None:
+        publish(written.path, target.path, overwrite)
+
+    def abandon(self, written: Location) -> None:
+        abandon(written.path)
+
+
+class ObjectCommit:
+    """The manifest-last protocol, for stores without rename (S3, GCS, Azure, memory://).
+
+    Shards are written under the checkpoint's own prefix with names unique to this save, so an
+    in-flight save never mixes with a committed one. The manifest, written last, is the commit.
+    Replacing a checkpoint deletes the old manifest just before the new one is written (the one
+    moment without a checkpoint at that path), then the objects the new manifest does not list.
+    A prefix without a manifest is in flight or garbage; load refuses it.
+    """
+
+    def __init__(self) -> None:
+        self.tag = uuid.uuid4().hex[:8]
+
+    def check_target(self, target: Location, overwrite: bool) -> None:
+        if is_temporary(target.name):
+            raise CheckpointError(f"{target.url}: names containing {TMP_MARKER!r} are reserved")
+        manifest = target.join(MANIFEST_NAME)
+        if target.storage.exists(manifest.path) and not overwrite:
+            raise CheckpointExistsError(
+                f"a checkpoint already exists at {target.url}; pass overwrite=True to replace it"
+            )
+
+    def begin(self, target: Location) -> Location:
+        target.storage.make_dir(target.path)
+        return target
+
+    def shard_tag(self) -> str:
+        return f"-{self.tag}"
+
+    def before_manifest(self, target: Location, overwrite: bool) -> None:
+        manifest = target.join(MANIFEST_NAME)
+        if target.storage.exists(manifest.path):
+            if not overwrite:
+                raise CheckpointExistsError(
+                    f"a checkpoint was committed at {target.url} while this save ran"
+                )
+            target.storage.remove_file(manifest.path)
+
+    def publish(self, written: Location, target: Location, overwrite: bool) -> None:
+        for name in target.storage.list_dir(target.path):
+            if name != MANIFEST_NAME and self.tag not in name:
+                target.storage.remove_file(target.join(name).path)  # the replaced save's shards
+
+    def abandon(self, written: Location) -> None:
+        for name in written.storage.list_dir(written.path):
+            if self.tag in name:
+                written.storage.remove_file(written.join(name).path)
+
+
+def committer_for(target: Location) -> LocalCommit | ObjectCommit:
+    return LocalCommit() if target.storage.atomic_rename else ObjectCommit()

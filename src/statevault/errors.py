@@ -11,7 +11,9 @@ type and know nothing else escaped::
     ├── UnsupportedFormatError          a format_version this statevault cannot read
     ├── StateMismatchError              the checkpoint does not fit the objects given as ``into``
     ├── UnsupportedValueError           a value in the state that the format cannot represent
-    └── RunLockedError                  another live CheckpointManager writes this run
+    ├── RunLockedError                  another live CheckpointManager writes this run
+    └── StorageError                    the storage refused in a way no retry fixes (no bucket,
+                                        access denied); names the URL
 
 Messages say what failed, where (key path, file) and, where there is one, how to fix it.
 """
@@ -27,6 +29,7 @@ __all__ = [
     "CorruptCheckpointError",
     "RunLockedError",
     "StateMismatchError",
+    "StorageError",
     "UnsupportedFormatError",
     "UnsupportedValueError",
 ]
@@ -96,3 +99,7 @@ class UnsupportedValueError(CheckpointError, TypeError):
 
 class RunLockedError(CheckpointError):
     """Another live manager holds the run directory's writer lock; names the holder."""
+
+
+class StorageError(CheckpointError, OSError):
+    """The storage refused an operation that retrying cannot fix; names the URL and the fix."""

@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from statevault import commit
+from statevault.commit import LocalCommit, ObjectCommit, committer_for
 from statevault.engine.arena import StagingArena
 from statevault.engine.layout import assign_files
 from statevault.engine.plan import SavePlan, plan_save
@@ -35,7 +35,7 @@ from statevault.format import dtypes
 from statevault.format.manifest import FileEntry, Manifest, TensorEntry, serialize_manifest
 from statevault.format.names import MANIFEST_NAME, shard_name
 from statevault.runinfo import checkpoint_info
-from statevault.storage.local import LocalStorage
+from statevault.storage.location import Location, resolve
 
 logger = logging.getLogger("statevault")
 
@@ -53,10 +53,11 @@ class _Job:
     """One save between its stage and its commit."""
 
     plan: SavePlan
-    directory: str
+    target: Location
     overwrite: bool
     extra_info: Mapping[str, Any] | None
-    tmp: str
+    committer: LocalCommit | ObjectCommit
+    written: Location  # where the shards go: a temporary directory, or the target itself
     files: list[list[int]]  # leaf indices per shard file
     asynchronous: bool
     timings: dict[str, float] = field(default_factory=dict)
@@ -68,7 +69,7 @@ class _Job:
         plan = self.plan
         batch = [
             (
-                shard_name(i),
+                shard_name(i, tag=self.committer.shard_tag()),
                 [
                     PendingTensor(
                         plan.leaves[j].path,
@@ -85,7 +86,10 @@ class _Job:
         ]
         shard_format = "pt" if "torch" in plan.frameworks() else "np"
         rows, tensors = write_files(
-            LocalStorage(), self.tmp, batch, {"format": shard_format, "writer": "statevault"}
+            self.written.storage,
+            self.written.path,
+            batch,
+            {"format": shard_format, "writer": "statevault"},
         )
         self.file_rows += rows
         for i, written in zip(file_indices, tensors, strict=True):
@@ -93,16 +97,18 @@ class _Job:
                 self.tensor_rows[leaf] = row
 
     def finish(self, started: float) -> Manifest:
-        """Write the manifest last, then publish the directory atomically."""
+        """Write the manifest last, then publish (rename, or nothing more on object stores)."""
         order = sorted(self.file_rows, key=lambda f: f.name)
         tensors = [self.tensor_rows[i] for i in range(len(self.plan.leaves))]
         manifest = Manifest(order, tensors, self.plan.tree, self.plan.metadata)
         mode = "async" if self.asynchronous else "sync"
         manifest.info = checkpoint_info(self.plan, self.timings, self.extra_info, started, mode)
-        with LocalStorage().open_write(os.path.join(self.tmp, MANIFEST_NAME)) as handle:
+        self.committer.before_manifest(self.target, self.overwrite)
+        manifest_path = self.written.join(MANIFEST_NAME).path
+        with self.written.storage.open_write(manifest_path) as handle:
             handle.write(memoryview(serialize_manifest(manifest)))
         started = time.perf_counter()
-        commit.publish(self.tmp, self.directory, self.overwrite)
+        self.committer.publish(self.written, self.target, self.overwrite)
         self.timings["commit_s"] = time.perf_counter() - started
         return manifest
 
@@ -145,7 +151,7 @@ class Saver:
     def save(
         self,
         state: Any,
-        directory: str,
+        directory: str | Location,
         *,
         metadata: Any = None,
         overwrite: bool = False,
@@ -153,7 +159,9 @@ class Saver:
     ) -> SaveFuture:
         self.wait()
         started = time.perf_counter()
-        commit.check_target(directory, overwrite)
+        target = resolve(directory)
+        committer = committer_for(target)
+        committer.check_target(target, overwrite)
         plan = plan_save(state, metadata)
         timings = {"prepare_s": time.perf_counter() - started}
         sizes = [leaf.spec.nbytes for leaf in plan.leaves]
@@ -163,10 +171,11 @@ class Saver:
         )
         job = _Job(
             plan,
-            directory,
+            target,
             overwrite,
             extra_info,
-            commit.begin(directory),
+            committer,
+            committer.begin(target),
             files,
             self.asynchronous,
             timings,
@@ -174,7 +183,7 @@ class Saver:
         try:
             last_piece, staged = self._stage(job)
         except BaseException:
-            commit.abandon(job.tmp)
+            committer.abandon(job.written)
             raise
         timings["blocked_s"] = time.perf_counter() - started
         future: Future[Manifest]
@@ -183,7 +192,7 @@ class Saver:
         else:
             future = Future()
             future.set_result(self._persist(job, last_piece, staged, started))
-        self._in_flight = SaveFuture(directory, future, timings)
+        self._in_flight = SaveFuture(target.url, future, timings)
         return self._in_flight
 
     def _stage(self, job: _Job) -> tuple[list[int], dict[int, memoryview]]:
@@ -215,14 +224,14 @@ class Saver:
             job.timings["write_s"] = time.perf_counter() - write_started
             manifest = job.finish(started)
         except BaseException as exc:
-            commit.abandon(job.tmp)
-            logger.error("statevault: save of %s failed: %r", job.directory, exc)
+            job.committer.abandon(job.written)
+            logger.error("statevault: save of %s failed: %r", job.target.url, exc)
             raise
         job.timings["durable_s"] = time.perf_counter() - started
         info = manifest.info.get("save", {})
         logger.info(
             "statevault: saved %s: %.3f GiB, training blocked %.3f s, durable after %.3f s",
-            job.directory,
+            job.target.url,
             info.get("bytes", 0) / 2**30,
             job.timings.get("blocked_s", 0.0),
             job.timings["durable_s"],

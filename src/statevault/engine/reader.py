@@ -15,8 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from statevault.format.checksum import crc32c_of, parse_checksum
-from statevault.format.manifest import Manifest, TensorEntry
+from statevault.format.manifest import FileEntry, Manifest, TensorEntry
+from statevault.storage.base import Storage
 from statevault.storage.local import open_read, read_into_fd
+from statevault.storage.location import Location
 
 CHUNK_BYTES = 16 << 20
 READ_THREADS = 8
@@ -41,71 +43,109 @@ def _file_kind(mode: int) -> str | None:
     )
 
 
-class CheckpointReader:
-    """Reads one local checkpoint directory whose manifest has been parsed and validated."""
+class _LocalFile:
+    """A shard on the local disk, opened without following symlinks and only if regular."""
 
-    def __init__(self, directory: str, manifest: Manifest) -> None:
-        self.directory = directory
+    def __init__(self, path: str) -> None:
+        # lstat first: opening a FIFO would block, a symlink may lead outside.
+        kind = _file_kind(os.lstat(path).st_mode)
+        if kind is not None:
+            raise _NotAFile(f"is a {kind}, not a regular file")
+        self.fd = open_read(path)
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise _NotAFile("is not a regular file")
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        read_into_fd(self.fd, offset, view)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _RemoteFile:
+    """An object in an fsspec store: sized once, read by byte ranges."""
+
+    def __init__(self, storage: Storage, path: str) -> None:
+        self.storage = storage
+        self.path = path
+        self._size = storage.size(path)
+
+    def size(self) -> int:
+        return self._size
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        self.storage.read_into(self.path, offset, view)
+
+    def close(self) -> None:
+        return None
+
+
+class _NotAFile(Exception):
+    pass
+
+
+class CheckpointReader:
+    """Reads one checkpoint whose manifest has been parsed and validated."""
+
+    def __init__(self, location: Location, manifest: Manifest) -> None:
+        self.location = location
         self.manifest = manifest
+
+    def _open(self, name: str) -> _LocalFile | _RemoteFile:
+        path = self.location.join(name).path
+        if self.location.local:
+            return _LocalFile(path)
+        return _RemoteFile(self.location.storage, path)
 
     def file_problems(self, check_headers: bool) -> list[str]:
         """Missing or resized files, and (optionally) damaged safetensors headers."""
         problems: list[str] = []
         for entry in self.manifest.files:
-            path = os.path.join(self.directory, entry.name)
             try:
-                # lstat first: opening a FIFO would block, a symlink may lead outside.
-                kind = _file_kind(os.lstat(path).st_mode)
-                if kind is not None:
-                    problems.append(f"file {entry.name}: is a {kind}, not a regular file")
-                    continue
-                fd = open_read(path)
+                source = self._open(entry.name)
+            except _NotAFile as exc:
+                problems.append(f"file {entry.name}: {exc}")
+                continue
             except OSError as exc:
-                problems.append(f"file {entry.name}: cannot be opened ({exc.strerror})")
+                problems.append(f"file {entry.name}: cannot be opened ({exc.strerror or exc})")
                 continue
             try:
-                st = os.fstat(fd)
-                size = st.st_size
-                if not stat.S_ISREG(st.st_mode):
-                    problems.append(f"file {entry.name}: is not a regular file")
-                elif size != entry.size:
-                    problems.append(
-                        f"file {entry.name}: {size} bytes on disk, {entry.size} in the manifest"
-                        + (" (truncated)" if size < entry.size else "")
-                    )
-                elif check_headers:
-                    header = bytearray(entry.header_size)
-                    read_into_fd(fd, 0, memoryview(header))
-                    if crc32c_of(header) != parse_checksum(entry.header_checksum):
-                        problems.append(f"file {entry.name}: safetensors header checksum mismatch")
-                    elif 8 + int.from_bytes(header[:8], "little") != entry.header_size:
-                        problems.append(
-                            f"file {entry.name}: safetensors header length "
-                            f"{int.from_bytes(header[:8], 'little')} disagrees with the manifest"
-                        )
+                problem = _file_problem(source, entry, check_headers)
             except (OSError, EOFError) as exc:
-                problems.append(f"file {entry.name}: cannot be read ({exc})")
+                problem = f"file {entry.name}: cannot be read ({exc})"
             finally:
-                os.close(fd)
+                source.close()
+            if problem is not None:
+                problems.append(problem)
         return problems
 
     def read(self, ids: Sequence[int], allocate: Allocator, verify: bool) -> ReadOutcome:
         """Read the tensors ``ids`` into buffers from ``allocate``, verifying checksums."""
         outcome = ReadOutcome()
-        by_file: dict[str, list[int]] = {}
-        for index in ids:
-            by_file.setdefault(self.manifest.tensors[index].file, []).append(index)
-        descriptors = {name: open_read(os.path.join(self.directory, name)) for name in by_file}
+        names = sorted({self.manifest.tensors[index].file for index in ids})
+        sources: dict[str, _LocalFile | _RemoteFile] = {}
         try:
-            jobs = [(index, descriptors[self.manifest.tensors[index].file]) for index in ids]
+            for name in names:
+                sources[name] = self._open(name)
+            jobs = [(index, sources[self.manifest.tensors[index].file]) for index in ids]
             threads = max(1, min(READ_THREADS, len(jobs)))
             with ThreadPoolExecutor(threads, thread_name_prefix="statevault-read") as pool:
                 results = list(
                     pool.map(lambda job: self._read_one(job[0], job[1], allocate, verify), jobs)
                 )
+        except _NotAFile as exc:
+            outcome.problems.append(f"a shard {exc}")
+            return outcome
+        except OSError as exc:
+            outcome.problems.append(f"a shard cannot be opened ({exc})")
+            return outcome
         finally:
-            for fd in descriptors.values():
-                os.close(fd)
+            for source in sources.values():
+                source.close()
         for index, array, problem in results:
             outcome.arrays[index] = array
             outcome.bytes_read += self.manifest.tensors[index].nbytes
@@ -114,7 +154,7 @@ class CheckpointReader:
         return outcome
 
     def _read_one(
-        self, index: int, fd: int, allocate: Allocator, verify: bool
+        self, index: int, source: _LocalFile | _RemoteFile, allocate: Allocator, verify: bool
     ) -> tuple[int, object, str | None]:
         entry = self.manifest.tensors[index]
         array, view = allocate(entry)
@@ -123,7 +163,7 @@ class CheckpointReader:
         try:
             for start in range(0, entry.nbytes, CHUNK_BYTES):
                 chunk = view[start : start + CHUNK_BYTES]
-                read_into_fd(fd, entry.offset + start, chunk)
+                source.read_into(entry.offset + start, chunk)
                 if verify:
                     checksum = crc32c_of(chunk, checksum)
         except (EOFError, OSError) as exc:
@@ -131,3 +171,22 @@ class CheckpointReader:
         if verify and checksum != parse_checksum(entry.checksum):
             return index, array, f"tensor {entry.path} in {entry.file}: checksum mismatch"
         return index, array, None
+
+
+def _file_problem(
+    source: _LocalFile | _RemoteFile, entry: FileEntry, check_headers: bool
+) -> str | None:
+    size = source.size()
+    if size != entry.size:
+        truncated = " (truncated)" if size < entry.size else ""
+        return f"file {entry.name}: {size} bytes on disk, {entry.size} in the manifest{truncated}"
+    if not check_headers:
+        return None
+    header = bytearray(entry.header_size)
+    source.read_into(0, memoryview(header))
+    if crc32c_of(header) != parse_checksum(entry.header_checksum):
+        return f"file {entry.name}: safetensors header checksum mismatch"
+    length = int.from_bytes(header[:8], "little")
+    if 8 + length != entry.header_size:
+        return f"file {entry.name}: safetensors header length {length} disagrees with the manifest"
+    return None

@@ -12,8 +12,10 @@ MANIFEST_NAME = "manifest.json"
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-def shard_name(index: int, rank: int = 0) -> str:
-    return f"data-r{rank:05d}-{index:05d}.safetensors"
+def shard_name(index: int, rank: int = 0, tag: str = "") -> str:
+    """``data-r<rank>-<index><tag>.safetensors``; the tag makes names unique to one save on
+    object stores, where a save cannot be written aside and renamed."""
+    return f"data-r{rank:05d}-{index:05d}{tag}.safetensors"
 
 
 def is_safe_file_name(name: object) -> bool:

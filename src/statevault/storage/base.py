@@ -42,7 +42,13 @@ class WriteHandle(Protocol):
 
 
 class Storage(Protocol):
-    """Byte storage under one root. Implementations: :class:`LocalStorage` (POSIX fast path)."""
+    """Byte storage. Implementations: LocalStorage (POSIX fast path), FsspecStorage (URLs).
+
+    ``atomic_rename`` says which commit protocol applies (commit.py): rename a finished
+    temporary directory, or write the manifest last.
+    """
+
+    atomic_rename: bool
 
     def exists(self, path: str) -> bool: ...
 
@@ -60,5 +66,7 @@ class Storage(Protocol):
     def open_write(self, path: str) -> WriteHandle: ...
 
     def make_dir(self, path: str) -> None: ...
+
+    def remove_file(self, path: str) -> None: ...
 
     def remove_tree(self, path: str) -> None: ...

@@ -66,6 +66,12 @@ class LocalWriteHandle:
 class LocalStorage:
     """The local filesystem (see :class:`statevault.storage.base.Storage`)."""
 
+    atomic_rename = True
+
+    def remove_file(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
 
