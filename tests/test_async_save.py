@@ -147,12 +147,19 @@ def test_interpreter_exit_waits_for_the_save_in_flight(tmp_path: Path) -> None:
     assert torch.equal(loaded["w"], torch.arange(8 << 20, dtype=torch.float32))
 
 
-def test_restore_prewarms_staging_memory(tmp_path: Path) -> None:
-    state = _state(mib=4)
+def test_restore_prewarms_staging_memory_sized_for_the_first_save(tmp_path: Path) -> None:
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights
+    optimizer = torch.optim.AdamW(model.parameters())  # no moments before its first step
+    weights = sum(p.numel() * 4 for p in model.parameters())
     with sv.CheckpointManager(tmp_path / "run", async_save=True) as mgr:
-        assert mgr.restore(into=state) is None
+        assert mgr.restore(into={"model": model, "optimizer": optimizer}) is None
         mgr._saver.arena.wait_warm()
-        assert mgr._saver.arena.capacity >= 3 * 4 << 20, "fresh run: room for Adam moments"
+        capacity = mgr._saver.arena.capacity
+        assert 3 * weights <= capacity < 3 * weights + (64 << 20), "weights + two moments"
+    with sv.CheckpointManager(tmp_path / "run2", async_save=True) as mgr:
+        mgr.restore(into={"model": model})
+        mgr._saver.arena.wait_warm()
+        assert weights <= mgr._saver.arena.capacity < 2 * weights + (64 << 20)
 
 
 def test_budget_smaller_than_state_stages_in_pieces(tmp_path: Path) -> None:

@@ -17,9 +17,14 @@ from statevault.engine.arena import StagingArena
 class _FakeRuntime:
     def __init__(self) -> None:
         self.registered: list[tuple[int, int]] = []
+        self.unregistered: list[int] = []
 
     def cudaHostRegister(self, pointer: int, size: int, flags: int) -> int:
         self.registered.append((pointer, size))
+        return 0
+
+    def cudaHostUnregister(self, pointer: int) -> int:
+        self.unregistered.append(pointer)
         return 0
 
 
@@ -38,6 +43,8 @@ def test_arena_chunks_are_page_locked_once_each_including_later_ones(
     assert len(runtime.registered) == 2
     assert runtime.registered[1][1] >= 70 << 20
     assert len({pointer for pointer, _ in runtime.registered}) == 2
+    arena.release()  # unpinned before unmapped: the addresses may be reused
+    assert sorted(runtime.unregistered) == sorted(p for p, _ in runtime.registered)
 
 
 def test_a_failed_registration_is_an_error_not_a_silent_slow_path(

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from statevault import commit
+from statevault.adapters import adapter_for
 from statevault.checkpoint import load, local_path
 from statevault.engine.plan import plan_save
 from statevault.errors import CheckpointError, CorruptCheckpointError
@@ -227,9 +228,8 @@ class CheckpointManager:
             return self._fork(local_path(source), into, step, device, strict)
         restored = self._restore_own(into, step, device, strict)
         if into is not None:
-            # Staging memory for async saves is made ready now, in the background. A fresh run's
-            # optimizer has no moments yet: reserve for two (Adam) beside the weights.
-            self._saver.prepare(into, expected_bytes=None if restored else 3 * _bytes_of(into))
+            # Staging memory for async saves is made ready now, in the background.
+            self._saver.prepare(into, expected_bytes=_expected_state_bytes(into))
         return restored
 
     def _restore_own(
@@ -505,8 +505,21 @@ def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     return plain
 
 
-def _bytes_of(state: Mapping[str, Any]) -> int:
-    return plan_save(state).total_bytes
+def _expected_state_bytes(state: Mapping[str, Any]) -> int:
+    """The state's bytes at its first save. An optimizer that has not stepped yet has no
+    moments: reserve two per parameter (Adam's), which is what most optimizers grow to."""
+    total = plan_save(state).total_bytes
+    for value in state.values():
+        groups = getattr(value, "param_groups", None)
+        if isinstance(groups, list) and not getattr(value, "state", True):
+            params = [p for group in groups for p in group.get("params", [])]
+            total += 2 * sum(_array_bytes(p) for p in params)
+    return total
+
+
+def _array_bytes(value: Any) -> int:
+    adapter = adapter_for(value)
+    return adapter.describe(value, "").nbytes if adapter is not None else 0
 
 
 def _no_arrays(value: Any, path: str) -> None:
