@@ -178,7 +178,10 @@ def _read_arrays(checkpoint: OpenCheckpoint, verify: bool, device: str | None) -
             adapter_named(entry.framework)
         except CheckpointError as exc:
             raise CheckpointError(f"{where}: tensor {entry.path}: {exc}") from None
-    outcome = reader.read(range(len(entries)), _allocator(where), verify)
+    if checkpoint.location.local:  # view the page cache in place: no allocation, no copy
+        outcome = reader.map(range(len(entries)), _adopter(where), verify)
+    else:
+        outcome = reader.read(range(len(entries)), _allocator(where), verify)
     if outcome.problems:
         detail = outcome.problems[0] + (
             f" (and {len(outcome.problems) - 1} more)" if len(outcome.problems) > 1 else ""
@@ -188,6 +191,16 @@ def _read_arrays(checkpoint: OpenCheckpoint, verify: bool, device: str | None) -
         adapter_named(entry.framework).finalize(outcome.arrays[i], entry, device)
         for i, entry in enumerate(entries)
     ]
+
+
+def _adopter(where: str) -> Any:
+    def adopt(entry: TensorEntry, view: memoryview) -> object:
+        try:
+            return adapter_named(entry.framework).from_buffer(view, entry)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"{where}: tensor {entry.path}: {exc}") from None
+
+    return adopt
 
 
 def _allocator(where: str) -> Any:

@@ -12,6 +12,7 @@ Load path::
 
     buffer = adapter.allocate(entry)     -> a host array of the entry's dtype and shape
     adapter.writable_bytes(buffer)       -> a memoryview the reader fills
+    adapter.from_buffer(view, entry)     -> an array over bytes already in memory (a mapped file)
     adapter.finalize(buffer, entry, device) -> the object the user gets back
     adapter.mismatch(target, loaded) / adapter.copy_into(target, loaded)   for ``into=``
 """
@@ -52,6 +53,8 @@ class ArrayAdapter(Protocol):
     def allocate(self, entry: TensorEntry) -> Any: ...
 
     def writable_bytes(self, array: Any) -> memoryview: ...
+
+    def from_buffer(self, view: memoryview, entry: TensorEntry) -> Any: ...
 
     def finalize(self, array: Any, entry: TensorEntry, device: str | None) -> Any: ...
 

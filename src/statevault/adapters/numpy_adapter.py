@@ -62,6 +62,10 @@ class NumpyAdapter:
             entry.shape
         )
 
+    def from_buffer(self, view: memoryview, entry: TensorEntry) -> Any:
+        """An array over ``view`` (no copy); it keeps the underlying mapping alive."""
+        return np.frombuffer(view, dtype=_numpy_dtype(entry)).reshape(entry.shape)
+
     def writable_bytes(self, array: Any) -> memoryview:
         return memoryview(array.reshape(-1).view(np.uint8))
 

@@ -100,6 +100,13 @@ class TorchAdapter:
         flat = torch.frombuffer(memory, dtype=torch.uint8, count=entry.nbytes)
         return flat.view(dtype).view(entry.shape)
 
+    def from_buffer(self, view: memoryview, entry: TensorEntry) -> torch.Tensor:
+        """A tensor over ``view`` (no copy); it keeps the underlying mapping alive."""
+        dtype = torch_dtype(entry.dtype)
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        return torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(entry.shape)
+
     def writable_bytes(self, array: Any) -> memoryview:
         return _memoryview(array)
 
@@ -126,6 +133,11 @@ class TorchAdapter:
         return None
 
     def copy_into(self, target: Any, loaded: Any) -> None:
+        same_layout = target.dtype == loaded.dtype and target.shape == loaded.shape
+        if same_layout and target.device.type == "cpu" and target.is_contiguous():
+            if target.numel():  # one GIL-free memcpy, as in staging (see _copy_to_host)
+                _copy_to_host(loaded.detach(), _memoryview(target.detach()))
+            return
         with torch.no_grad():
             target.copy_(loaded)
 

@@ -8,6 +8,7 @@ it lands. Problems are collected, not raised one by one, so that a report names 
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -25,6 +26,8 @@ READ_THREADS = 8
 
 # Given a tensor row, returns (array object, writable memoryview of its bytes).
 Allocator = Callable[[TensorEntry], "tuple[object, memoryview]"]
+# Given a tensor row and its bytes in a mapped file, returns an array viewing them.
+Adopter = Callable[[TensorEntry, memoryview], object]
 
 
 @dataclass
@@ -153,6 +156,43 @@ class CheckpointReader:
                 outcome.problems.append(problem)
         return outcome
 
+    def map(self, ids: Sequence[int], adopt: Adopter, verify: bool) -> ReadOutcome:
+        """Local files only: map each shard privately (copy on write) and view every tensor in
+        place, checksumming the mapped bytes. No allocation, no copy: a load costs what reading
+        the page cache costs. The arrays keep their file's mapping alive, and with it the file's
+        blocks, even once the checkpoint is deleted."""
+        outcome = ReadOutcome()
+        names = sorted({self.manifest.tensors[index].file for index in ids})
+        sizes = {f.name: f.size for f in self.manifest.files}
+        views: dict[str, memoryview] = {}
+        for name in names:
+            try:
+                views[name] = _map_file(self.location.join(name).path, sizes[name])
+            except (_NotAFile, OSError) as exc:
+                outcome.problems.append(f"file {name}: cannot be mapped ({exc})")
+                return outcome
+        jobs = list(ids)
+        threads = max(1, min(READ_THREADS, len(jobs)))
+        with ThreadPoolExecutor(threads, thread_name_prefix="statevault-read") as pool:
+            results = list(
+                pool.map(lambda index: self._adopt_one(index, views, adopt, verify), jobs)
+            )
+        for index, array, problem in results:
+            outcome.arrays[index] = array
+            outcome.bytes_read += self.manifest.tensors[index].nbytes
+            if problem is not None:
+                outcome.problems.append(problem)
+        return outcome
+
+    def _adopt_one(
+        self, index: int, views: dict[str, memoryview], adopt: Adopter, verify: bool
+    ) -> tuple[int, object, str | None]:
+        entry = self.manifest.tensors[index]
+        view = views[entry.file][entry.offset : entry.offset + entry.nbytes]
+        if verify and crc32c_of(view) != parse_checksum(entry.checksum):
+            return index, None, f"tensor {entry.path} in {entry.file}: checksum mismatch"
+        return index, adopt(entry, view), None
+
     def _read_one(
         self, index: int, source: _LocalFile | _RemoteFile, allocate: Allocator, verify: bool
     ) -> tuple[int, object, str | None]:
@@ -171,6 +211,23 @@ class CheckpointReader:
         if verify and checksum != parse_checksum(entry.checksum):
             return index, array, f"tensor {entry.path} in {entry.file}: checksum mismatch"
         return index, array, None
+
+
+def _map_file(path: str, size: int) -> memoryview:
+    """A private, writable (copy-on-write) mapping of a regular file of exactly ``size`` bytes."""
+    source = _LocalFile(path)
+    try:
+        if source.size() != size:  # checked again on this very descriptor: no race with it
+            raise _NotAFile(f"has {source.size()} bytes, {size} in the manifest")
+        if size == 0:
+            return memoryview(bytearray())
+        # Not MAP_POPULATE: measured 5x slower than faulting pages in as the checksum reads them
+        # (the kernel maps pages around each fault), in parallel threads.
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        mapping = mmap.mmap(source.fd, size, flags=mmap.MAP_PRIVATE, prot=prot)
+    finally:
+        source.close()
+    return memoryview(mapping)
 
 
 def _file_problem(
