@@ -12,7 +12,9 @@ import statevault as sv
 
 
 def _net(width: int = 4) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, width), torch.nn.ReLU(), torch.nn.Linear(width, 2)
+    )
 
 
 def _trained(tmp_path: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer, Path]:

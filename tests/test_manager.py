@@ -455,3 +455,15 @@ def test_a_manager_that_fails_to_open_releases_the_lock_cleanly(tmp_path: Path) 
     with sv.CheckpointManager(run) as mgr:
         assert mgr.all_steps() == []
     assert unraisable == [], f"__del__ of the half-built manager raised: {unraisable}"
+
+
+def test_leftovers_of_killed_deletions_and_run_file_writes_are_swept(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with sv.CheckpointManager(run, max_to_keep=None) as mgr:
+        save_steps(mgr, [1, 2])
+    (step_dir(run, 1) / "manifest.json").unlink()  # a deletion killed after its first step
+    (run / "run.json.tmp-deadbeef").write_text("{")  # a run.json write killed midway
+    with sv.CheckpointManager(run, max_to_keep=None) as mgr:
+        assert mgr.all_steps() == [2]
+    assert not step_dir(run, 1).exists(), "the manifest-less step directory is swept"
+    assert not (run / "run.json.tmp-deadbeef").exists()

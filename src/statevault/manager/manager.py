@@ -43,7 +43,7 @@ from statevault.manager.index import (
     scan_run,
 )
 from statevault.manager.lock import RunLock
-from statevault.manager.naming import ANNOTATIONS_FILE, LOCK_FILE, step_dir_name
+from statevault.manager.naming import ANNOTATIONS_FILE, LOCK_FILE, RUN_FILE, step_dir_name
 from statevault.manager.preemption import PreemptionWatcher
 from statevault.manager.retention import (
     KeepBest,
@@ -147,10 +147,19 @@ class CheckpointManager:
             else:
                 os.rename(os.path.join(self.directory, name), original)
                 fsync_dir(self.directory)
+        # A step directory without a manifest was never a save in flight (saves run under
+        # temporary names): it is what a deletion killed halfway left behind.
+        leftovers += [
+            os.path.basename(r.path) for r in scan.records.values() if r.status == "incomplete"
+        ]
+        leftovers += [n for n in os.listdir(self.directory) if n.startswith(RUN_FILE + ".tmp-")]
         for name in leftovers:
             path = os.path.join(self.directory, name)
             logger.info("statevault: removing leftover of an interrupted save: %s", path)
-            LocalStorage().remove_tree(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                LocalStorage().remove_tree(path)
+            else:
+                LocalStorage().remove_file(path)
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -412,10 +421,8 @@ class CheckpointManager:
         for step in deletable:
             record = self._scan.records[step]
             logger.info("statevault: retention deletes %s", record.path)
-            LocalStorage().remove_tree(record.path)
+            _delete_checkpoint(record.path)
             del self._scan.records[step]
-        if deletable:
-            fsync_dir(self.directory)
 
     def annotate(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Attach metrics (e.g. evaluation results) to a committed checkpoint; they count for
@@ -503,6 +510,15 @@ def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         )
         plain[key] = value.item() if is_scalar_array else value
     return plain
+
+
+def _delete_checkpoint(path: str) -> None:
+    """Uncommit in one atomic step (rename to a temporary name, fsync), then delete: a crash
+    halfway leaves a temporary that the next manager sweeps, never a half-deleted step."""
+    doomed = f"{path}{commit.TMP_MARKER}{uuid.uuid4().hex[:12]}"
+    os.rename(path, doomed)
+    fsync_dir(os.path.dirname(path))
+    LocalStorage().remove_tree(doomed)
 
 
 def _expected_state_bytes(state: Mapping[str, Any]) -> int:
