@@ -33,6 +33,7 @@ from rich.progress import Progress
 from statevault.errors import CheckpointError, RunLockedError
 from statevault.format.names import MANIFEST_NAME
 from statevault.manager.index import CheckpointRecord, RunScan, scan_run
+from statevault.manager.lock import pid_alive
 from statevault.manager.naming import LOCK_FILE, RUN_FILE, is_temporary_name, parse_step
 from statevault.manager.retention import (
     KeepBest,
@@ -392,7 +393,7 @@ class Holder:
         if self.heartbeat is None:
             return False
         if self.host == socket.gethostname():
-            return self.pid is not None and _pid_alive(self.pid)
+            return self.pid is not None and pid_alive(self.pid)
         return time.time() - self.heartbeat < self.lease_seconds
 
 
@@ -471,15 +472,6 @@ def _locked(run: str, holder: Holder | None) -> RunLockedError:
         f"the run at {run} is held by a live CheckpointManager ({who}); stop it first, or "
         "pass --force if you are sure that nothing writes the run"
     )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -98,7 +98,7 @@ class RunLock:
             if flocked:
                 return False  # on one host the flock we got is authoritative: holder is gone
             pid = holder.get("pid")
-            return isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid)
+            return isinstance(pid, int) and pid != os.getpid() and pid_alive(pid)
         return time.time() - heartbeat < self.lease_seconds
 
     def _write_holder(self) -> None:
@@ -130,7 +130,8 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
     return holder if isinstance(holder, dict) else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
