@@ -199,6 +199,7 @@ def fail_upload_parts_from(nth: int) -> tuple[Callable[..., BaseException | None
 
 
 def test_fixture_serves_the_s3_protocol(s3_bucket: S3Bucket) -> None:
+    """Multipart and plain uploads, listings, ranged reads, a second client: through s3fs."""
     fs = s3_bucket.fs
     payload = os.urandom(3 << 20)
     with fs.open(f"{s3_bucket.url}/a/b.bin", "wb", block_size=5 << 20) as handle:
@@ -212,6 +213,22 @@ def test_fixture_serves_the_s3_protocol(s3_bucket: S3Bucket) -> None:
         skip_instance_cache=True, use_listings_cache=False, **s3_bucket.storage_options
     )
     assert other.cat_file(f"{s3_bucket.url}/a/c.txt") == b"hello"
+
+
+def test_fault_proxy_drops_an_upload_that_the_client_retries(
+    s3: MotoS3Server, s3_bucket: S3Bucket
+) -> None:
+    proxy = FaultProxy(s3.endpoint_url, lambda method, target, length, index: index == 0)
+    try:
+        fs = s3_bucket.fs.__class__(
+            skip_instance_cache=True, **s3.storage_options(proxy.endpoint_url)
+        )
+        payload = os.urandom(2 << 20)
+        fs.pipe_file(f"{s3_bucket.url}/x.bin", payload)  # one PUT: dropped, then retried
+    finally:
+        proxy.close()
+    assert [method for method, _, _ in proxy.dropped] == ["PUT"]
+    assert s3_bucket.fs.cat_file(f"{s3_bucket.url}/x.bin") == payload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,3 +695,20 @@ def test_bit_flip_in_a_shard_object_names_the_tensor(s3_bucket: S3Bucket) -> Non
     report = sv.verify(url, storage_options=options)
     assert not report.ok
     assert any("tensors/bf16" in problem for problem in report.problems), report.problems
+
+
+def test_a_save_never_touches_foreign_objects_in_its_prefix() -> None:
+    """Like a non-empty foreign directory on disk: refused, and nothing of it is deleted."""
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/foreign/ck/notes.txt", b"keep me")
+    with pytest.raises(sv.CheckpointExistsError, match=r"notes\.txt"):
+        sv.save({"a": np.ones(3)}, "memory://foreign/ck")
+    with pytest.raises(sv.CheckpointExistsError):
+        sv.save({"a": np.ones(3)}, "memory://foreign/ck", overwrite=True)
+    assert fs.cat("/foreign/ck/notes.txt") == b"keep me"
+    sv.save({"a": np.ones(3)}, "memory://foreign/ck2")
+    fs.pipe("/foreign/ck2/notes.txt", b"added later")
+    sv.save({"a": np.zeros(3)}, "memory://foreign/ck2", overwrite=True)
+    assert fs.cat("/foreign/ck2/notes.txt") == b"added later", "overwrite removes only shards"
+    assert sv.load("memory://foreign/ck2")["a"].tolist() == [0.0, 0.0, 0.0]

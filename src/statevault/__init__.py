@@ -17,6 +17,7 @@ from statevault.errors import (
     CorruptCheckpointError,
     RunLockedError,
     StateMismatchError,
+    StorageError,
     UnsupportedFormatError,
     UnsupportedValueError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "RunLockedError",
     "StateMismatchError",
     "Stateful",
+    "StorageError",
     "UnsupportedFormatError",
     "UnsupportedValueError",
     "VerifyReport",

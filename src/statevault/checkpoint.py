@@ -135,7 +135,9 @@ def _parse_remote_manifest(location: Location) -> Manifest:
         raise CorruptCheckpointError(f"{location.url}: manifest.json is implausibly large")
     try:
         data = location.storage.read_bytes(manifest.path, 0, size)
-    except (EOFError, FileNotFoundError) as exc:
+    except FileNotFoundError:  # deleted since it was sized: a retention or an overwrite
+        raise CheckpointNotFoundError(f"no committed checkpoint at {location.url}") from None
+    except EOFError as exc:
         raise CorruptCheckpointError(f"{location.url}: cannot read manifest.json ({exc})") from None
     return parse_manifest(data, location.url)
 

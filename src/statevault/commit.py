@@ -20,7 +20,7 @@ import os
 import uuid
 
 from statevault.errors import CheckpointError, CheckpointExistsError
-from statevault.format.names import MANIFEST_NAME
+from statevault.format.names import MANIFEST_NAME, is_shard_name
 from statevault.storage.local import LocalStorage, fsync_dir
 from statevault.storage.location import Location
 
@@ -177,9 +177,18 @@ class ObjectCommit:
         if is_temporary(target.name):
             raise CheckpointError(f"{target.url}: names containing {TMP_MARKER!r} are reserved")
         manifest = target.join(MANIFEST_NAME)
-        if target.storage.exists(manifest.path) and not overwrite:
+        if target.storage.exists(manifest.path):
+            if not overwrite:
+                raise CheckpointExistsError(
+                    f"a checkpoint already exists at {target.url}; pass overwrite=True to "
+                    "replace it"
+                )
+            return
+        foreign = [n for n in target.storage.list_dir(target.path) if not is_shard_name(n)]
+        if foreign:
             raise CheckpointExistsError(
-                f"a checkpoint already exists at {target.url}; pass overwrite=True to replace it"
+                f"{target.url} holds objects that are not a statevault checkpoint "
+                f"({', '.join(foreign[:3])}); refusing to write over them"
             )
 
     def begin(self, target: Location) -> Location:
@@ -200,8 +209,9 @@ class ObjectCommit:
 
     def publish(self, written: Location, target: Location, overwrite: bool) -> None:
         for name in target.storage.list_dir(target.path):
-            if name != MANIFEST_NAME and self.tag not in name:
-                target.storage.remove_file(target.join(name).path)  # the replaced save's shards
+            if is_shard_name(name) and self.tag not in name:
+                # shards of the replaced save, or of a save that died here: never anything else
+                target.storage.remove_file(target.join(name).path)
 
     def abandon(self, written: Location) -> None:
         for name in written.storage.list_dir(written.path):

@@ -18,6 +18,14 @@ def shard_name(index: int, rank: int = 0, tag: str = "") -> str:
     return f"data-r{rank:05d}-{index:05d}{tag}.safetensors"
 
 
+_WRITTEN_SHARD = re.compile(r"^data-r\d{5}-\d{5}(-[0-9a-f]{8})?\.safetensors$")
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether ``name`` is a shard name statevault writes (see :func:`shard_name`)."""
+    return _WRITTEN_SHARD.fullmatch(name) is not None
+
+
 def is_safe_file_name(name: object) -> bool:
     """True for a plain file name that cannot escape the checkpoint directory."""
     return (

@@ -234,8 +234,9 @@ class CheckpointManager:
         instead; the fork is recorded in this run's lineage.
         """
         if source is not None:
-            return self._fork(local_path(source), into, step, device, strict)
-        restored = self._restore_own(into, step, device, strict)
+            restored = self._fork(local_path(source), into, step, device, strict)
+        else:
+            restored = self._restore_own(into, step, device, strict)
         if into is not None:
             # Staging memory for async saves is made ready now, in the background.
             self._saver.prepare(into, expected_bytes=_expected_state_bytes(into))

@@ -32,8 +32,13 @@ class FsspecWriteHandle:
         self.storage.call(self.path, self.file.write, data)
 
     def close(self) -> None:
-        """Completes the upload: the object exists, whole, once this returns."""
-        self.storage.call(self.path, self.file.close)
+        """Completes the upload: the object exists, whole, once this returns. If the last part
+        fails here, the multipart upload is aborted (it would otherwise linger, billed)."""
+        try:
+            self.storage.call(self.path, self.file.close)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         """Abandon the upload (a multipart upload is aborted, nothing is published)."""
@@ -41,6 +46,7 @@ class FsspecWriteHandle:
         with contextlib.suppress(Exception):  # best effort: the write already failed
             if callable(discard):
                 discard()
+                self.file.closed = True  # discarded: its finaliser must not try to upload again
             else:
                 self.file.close()
         with contextlib.suppress(Exception):
@@ -82,17 +88,23 @@ class FsspecStorage:
                 f"{self.url(path)}: access denied ({exc}); check the credentials given through "
                 "storage_options or the environment"
             ) from exc
-        except FileNotFoundError:
-            raise
         except OSError as exc:
             if "NoSuchBucket" in repr(exc) or "bucket does not exist" in str(exc).lower():
                 raise StorageError(f"{self.url(path)}: the bucket does not exist") from exc
             raise
 
+    def _fresh(self, path: str) -> None:
+        """Forget cached listings: another process (a dead save, a retention) may have changed
+        the prefix, and a stale listing would show a deleted manifest or an old size."""
+        self.fs.invalidate_cache(posixpath.dirname(path))
+        self.fs.invalidate_cache(path)
+
     def exists(self, path: str) -> bool:
+        self._fresh(path)
         return bool(self.call(path, self.fs.exists, path))
 
     def is_dir(self, path: str) -> bool:
+        self._fresh(path)
         return bool(self.call(path, self.fs.isdir, path))
 
     def list_dir(self, path: str) -> list[str]:
@@ -103,6 +115,7 @@ class FsspecStorage:
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
 
     def size(self, path: str) -> int:
+        self._fresh(path)
         return int(self.call(path, self.fs.size, path))
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
