@@ -7,8 +7,11 @@ EXTRAS ?= torch,test
 
 .PHONY: demo test lint typecheck unit bench clean
 
+# torch first, on its own: resolved alone, `torch==2.13.0` takes the CPU build that lies on this
+# machine's disk; resolved together with the test tools, pip can pick the multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.0'
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
