@@ -814,3 +814,36 @@ def test_nothing_outside_is_touched(ck: Path, tmp_path: Path) -> None:
     assert os.path.join(str(ck), "manifest.json") in result.opened
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "sentinel.txt").read_bytes() == SENTINEL
+
+
+@pytest.mark.parametrize(
+    "checksum", ["crc32c:0000_001", "crc32c:+0000001", "crc32c:ABCDEF01", "crc32c: 1234567"]
+)
+def test_checksums_must_be_eight_lowercase_hex_digits(ck: Path, checksum: str) -> None:
+    rewrite_body(ck, lambda body: body["tensors"][0].update(checksum=checksum))
+    result = attempt(ck, outside=ck.parent)
+    assert "checksum" in result.raised(sv.CorruptCheckpointError)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        {"$": "tensor", "id": 0},
+        {"$": "tuple", "items": [1, {"$": "tensor", "id": 0}]},
+        {"$": "stateful", "type": "x", "state": 1},
+        [1, 2],
+    ],
+    ids=["tensor", "tensor-in-tuple", "stateful", "list"],
+)
+def test_dict_keys_are_plain_values_only(ck: Path, key: Any) -> None:
+    rewrite_body(ck, lambda body: body.update(tree={"$": "dict", "items": [[key, 1]]}))
+    result = attempt(ck, outside=ck.parent)
+    assert "key" in result.raised(sv.CorruptCheckpointError)
+
+
+@pytest.mark.parametrize("dtype", ["float128", "longlong", "object", "datetime64"])
+def test_numpy_scalars_only_of_the_written_dtypes(ck: Path, dtype: str) -> None:
+    node = {"$": "npscalar", "dtype": dtype, "v": 1}
+    rewrite_body(ck, lambda body: body.update(tree={"$": "dict", "v": {"x": node}}))
+    result = attempt(ck, outside=ck.parent)
+    assert dtype in result.raised(sv.CorruptCheckpointError)

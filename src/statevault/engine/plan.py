@@ -17,25 +17,6 @@ from statevault.errors import UnsupportedValueError
 from statevault.format import tree
 from statevault.stateful import is_stateful, type_name
 
-_NUMPY_SCALARS = frozenset(
-    [
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-        "complex64",
-        "complex128",
-    ]
-)
-
 
 @dataclass
 class Leaf:
@@ -94,7 +75,7 @@ class _Planner:
 
     def numpy_scalar(self, value: Any, path: str) -> tree.Node:
         name = value.dtype.name
-        if name not in _NUMPY_SCALARS:
+        if name not in tree.NUMPY_SCALAR_DTYPES:
             raise UnsupportedValueError(path, f"numpy scalar of dtype {name} is not supported")
         return {
             "$": "npscalar",

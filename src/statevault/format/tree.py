@@ -35,6 +35,25 @@ from statevault.errors import CorruptCheckpointError, UnsupportedValueError
 
 Node = Any
 MAX_DEPTH = 200
+# The numpy scalar types the format stores (their values are exact as python numbers).
+NUMPY_SCALAR_DTYPES = frozenset(
+    [
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    ]
+)
 _MAX_INT_BITS = 13_000  # ~3,900 digits: below python's 4,300-digit limit for int <-> str
 _PLAIN_KEY_TYPES = (str, int, float, bool, type(None), bytes, tuple)
 
@@ -200,7 +219,7 @@ class _Decoder:
             for pair in self.field(node, "items", list, path):
                 if type(pair) is not list or len(pair) != 2:
                     raise self.fail(path, "dict items must be [key, value] pairs")
-                key = self.node(pair[0], path, depth + 1)
+                key = self.key(pair[0], path, depth + 1)
                 try:
                     hash(key)
                 except TypeError:
@@ -212,6 +231,17 @@ class _Decoder:
             meta = self.node(node["meta"], join_path(path, "_metadata"), depth + 1)
             result._metadata = meta  # type: ignore[attr-defined]
         return result
+
+    def key(self, node: Node, path: str, depth: int) -> Any:
+        """A dict key: a plain value only (writers never put arrays or states in keys)."""
+        if type(node) is dict and node.get("$") not in _KEY_TAGS:
+            raise self.fail(path, f"a dict key cannot be a {str(node.get('$'))[:40]!r} node")
+        if type(node) is list:
+            raise self.fail(path, "a dict key cannot be a list")
+        if type(node) is dict and node.get("$") == "tuple":
+            items = self.field(node, "items", list, path)
+            return tuple(self.key(item, path, depth + 1) for item in items)
+        return self.node(node, path, depth)
 
     def tensor(self, node: dict[str, Any], path: str, depth: int) -> Any:
         return self.resolve_tensor(self.field(node, "id", int, path))
@@ -225,11 +255,10 @@ class _Decoder:
             raise self.fail(
                 path, f"numpy scalar value must be a number, not {type(value).__name__}"
             )
+        if dtype_name not in NUMPY_SCALAR_DTYPES:
+            raise self.fail(path, f"numpy scalar dtype {dtype_name[:40]!r} is not one writers use")
         try:
-            dtype = np.dtype(dtype_name)
-            if dtype.kind not in "biufc":
-                raise TypeError(dtype_name)
-            return dtype.type(value)
+            return np.dtype(dtype_name).type(value)
         except (TypeError, ValueError, OverflowError):
             raise self.fail(path, f"bad numpy scalar {dtype_name}:{value!r}") from None
 
@@ -237,6 +266,8 @@ class _Decoder:
         self.field(node, "type", str, path)
         return self.node(node.get("state"), path, depth + 1)
 
+
+_KEY_TAGS = frozenset(["float", "complex", "bytes", "tuple"])
 
 _TAG_HANDLERS: dict[str, Callable[[_Decoder, dict[str, Any], str, int], Any]] = {
     "float": _Decoder.float_,
