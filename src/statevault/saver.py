@@ -29,7 +29,7 @@ from statevault.commit import LocalCommit, ObjectCommit, committer_for
 from statevault.engine.arena import StagingArena
 from statevault.engine.layout import assign_files
 from statevault.engine.plan import SavePlan, plan_save
-from statevault.engine.staging import stage, stage_into
+from statevault.engine.staging import by_adapter, stage, stage_into
 from statevault.engine.writer import PendingTensor, write_files
 from statevault.format import dtypes
 from statevault.format.manifest import FileEntry, Manifest, TensorEntry, serialize_manifest
@@ -143,7 +143,7 @@ class Saver:
         if not self.asynchronous:
             return
         plan = plan_save(state)
-        for adapter, indices in _by_adapter(plan).items():
+        for adapter, indices in by_adapter(plan).items():
             adapter.prepare_staging([plan.leaves[i].value for i in indices], self.arena)
         wanted = max(plan.total_bytes, expected_bytes or 0)
         self.arena.prewarm(min(wanted, self.budget) + 64 * len(plan.leaves))
@@ -256,13 +256,6 @@ class Saver:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="statevault-persist")
         return self._pool
-
-
-def _by_adapter(plan: SavePlan, leaves: Sequence[int] | None = None) -> dict[Any, list[int]]:
-    groups: dict[Any, list[int]] = {}
-    for index in leaves if leaves is not None else range(len(plan.leaves)):
-        groups.setdefault(plan.leaves[index].adapter, []).append(index)
-    return groups
 
 
 def _aligned(plan: SavePlan, files: list[list[int]]) -> list[list[int]]:

@@ -8,35 +8,37 @@ an asynchronous save copies them, since training mutates them as soon as save() 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from statevault.engine.arena import StagingArena
 from statevault.engine.plan import SavePlan
 
 
+def by_adapter(plan: SavePlan, leaves: Sequence[int] | None = None) -> dict[Any, list[int]]:
+    """Leaf indices grouped by the adapter that handles them (in leaf order within a group),
+    so that each framework stages its leaves in one batch (one device synchronization)."""
+    groups: dict[Any, list[int]] = {}
+    for index in leaves if leaves is not None else range(len(plan.leaves)):
+        groups.setdefault(plan.leaves[index].adapter, []).append(index)
+    return groups
+
+
 def stage(plan: SavePlan, copy: bool) -> list[memoryview]:
     """The bytes of each leaf of ``plan``, in leaf order; device copies are batched per adapter."""
-    staged: list[memoryview | None] = [None] * len(plan.leaves)
-    groups: dict[int, list[int]] = {}
-    for index, leaf in enumerate(plan.leaves):
-        groups.setdefault(id(leaf.adapter), []).append(index)
-    for indices in groups.values():
-        adapter = plan.leaves[indices[0]].adapter
+    staged: dict[int, memoryview] = {}
+    for adapter, indices in by_adapter(plan).items():
         views = adapter.stage([plan.leaves[i].value for i in indices], copy)
         for index, view in zip(indices, views, strict=True):
             if len(view) != plan.leaves[index].spec.nbytes:
                 raise RuntimeError(f"staging {plan.leaves[index].path} produced a wrong size")
             staged[index] = view
-    return [view for view in staged if view is not None]
+    return [staged[i] for i in range(len(plan.leaves))]
 
 
 def stage_into(plan: SavePlan, leaves: Sequence[int], arena: StagingArena) -> list[memoryview]:
     """Copy the leaves ``leaves`` of ``plan`` into ``arena``; returns views in the same order."""
     staged: dict[int, memoryview] = {}
-    groups: dict[int, list[int]] = {}
-    for index in leaves:
-        groups.setdefault(id(plan.leaves[index].adapter), []).append(index)
-    for indices in groups.values():
-        adapter = plan.leaves[indices[0]].adapter
+    for adapter, indices in by_adapter(plan, leaves).items():
         views = adapter.stage_into([plan.leaves[i].value for i in indices], arena)
         staged.update(zip(indices, views, strict=True))
     return [staged[i] for i in leaves]
