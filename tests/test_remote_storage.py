@@ -712,3 +712,25 @@ def test_a_save_never_touches_foreign_objects_in_its_prefix() -> None:
     sv.save({"a": np.zeros(3)}, "memory://foreign/ck2", overwrite=True)
     assert fs.cat("/foreign/ck2/notes.txt") == b"added later", "overwrite removes only shards"
     assert sv.load("memory://foreign/ck2")["a"].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.s3
+def test_a_partial_load_fetches_only_its_subtrees_bytes(s3_bucket: S3Bucket) -> None:
+    url = f"{s3_bucket.url}/run/ck"
+    options = s3_bucket.storage_options
+    gen = torch.Generator().manual_seed(9)
+    state = {
+        "model": {"w": torch.randn(1 << 18, generator=gen), "b": torch.randn(7, generator=gen)},
+        "optimizer": {"m": torch.randn(4 << 20, generator=gen)},  # 16 MiB not to be fetched
+        "step": 3,
+    }
+    sv.save(state, url, storage_options=options)
+    with record_s3_calls() as log:
+        model = sv.load(url, only="model", storage_options=options)
+    assert torch.equal(model["w"], state["model"]["w"]) and torch.equal(
+        model["b"], state["model"]["b"]
+    )
+    shard_gets = [c for c in log.of("GetObject") if not c.key.endswith(MANIFEST)]
+    fetched = sum(c.content_length or 0 for c in shard_gets)
+    wanted = (1 << 18) * 4 + 7 * 4
+    assert wanted <= fetched <= wanted + (64 << 10), f"fetched {fetched} B for {wanted} B"

@@ -31,6 +31,7 @@ from statevault.storage.local import open_read, read_into_fd
 from statevault.storage.location import Location, resolve
 
 PathLike = str | os.PathLike[str]
+_WHOLE_TREE = object()
 
 
 def save(
@@ -149,50 +150,69 @@ def load(
     device: str | None = None,
     strict: bool = True,
     verify: bool = True,
+    only: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load the checkpoint at ``path``: the saved tree, tensors and plain values included.
 
     ``into``: objects to restore in place (Stateful via load_state_dict, tensors copied into).
     ``device``: where returned tensors go (default: CPU). ``verify``: check every checksum.
-    Example::
+    ``only``: a key path (``"model"``, ``"optimizer/state"``): load just that subtree, reading
+    only its tensors' bytes (``into`` then mirrors the subtree). Example::
 
         state = sv.load("ckpt/epoch10", into={"model": model, "optimizer": opt})
         epoch = state["epoch"]
+        weights = sv.load("ckpt/epoch10", only="model")
     """
     checkpoint = open_checkpoint(path, storage_options)
-    arrays = _read_arrays(checkpoint, verify, device)
-    loaded = _decode(checkpoint, arrays)
+    node = checkpoint.manifest.tree
+    if only is not None:
+        try:
+            node = tree_codec.subtree(node, only, checkpoint.directory)
+        except KeyError as exc:
+            raise CheckpointError(str(exc.args[0])) from None
+    needed = sorted(tree_codec.tensor_ids(node)) if only is not None else None
+    arrays = _read_arrays(checkpoint, verify, device, needed)
+    loaded = _decode(checkpoint, arrays, node)
     if into is None:
         return LoadedState(loaded) if type(loaded) is dict else loaded
     return restore_into(into, loaded, strict=strict)
 
 
-def _read_arrays(checkpoint: OpenCheckpoint, verify: bool, device: str | None) -> list[Any]:
+def _read_arrays(
+    checkpoint: OpenCheckpoint, verify: bool, device: str | None, ids: list[int] | None = None
+) -> dict[int, Any]:
+    """The arrays ``ids`` (default: all), verified; a partial load checks only their files."""
     reader = checkpoint.reader
     where = checkpoint.directory
-    problems = reader.file_problems(check_headers=verify)
+    entries = checkpoint.manifest.tensors
+    wanted = [i for i in ids if 0 <= i < len(entries)] if ids is not None else range(len(entries))
+    files = {entries[i].file for i in wanted}
+    problems = [
+        p
+        for p in reader.file_problems(check_headers=verify)
+        if ids is None or any(f"file {name}:" in p for name in files)
+    ]
     if problems:
         raise CorruptCheckpointError(f"{where} is damaged: {problems[0]}", problems)
-    entries = checkpoint.manifest.tensors
-    for entry in entries:  # an unknown or missing framework fails before anything is read
+    for entry in (entries[i] for i in wanted):  # unknown frameworks fail before any read
         try:
             adapter_named(entry.framework)
         except CheckpointError as exc:
             raise CheckpointError(f"{where}: tensor {entry.path}: {exc}") from None
     if checkpoint.location.local:  # view the page cache in place: no allocation, no copy
-        outcome = reader.map(range(len(entries)), _adopter(where), verify)
+        outcome = reader.map(wanted, _adopter(where), verify)
     else:
-        outcome = reader.read(range(len(entries)), _allocator(where), verify)
+        outcome = reader.read(wanted, _allocator(where), verify)
     if outcome.problems:
         detail = outcome.problems[0] + (
             f" (and {len(outcome.problems) - 1} more)" if len(outcome.problems) > 1 else ""
         )
         raise CorruptCheckpointError(f"{where} is damaged: {detail}", outcome.problems)
-    return [
-        adapter_named(entry.framework).finalize(outcome.arrays[i], entry, device)
-        for i, entry in enumerate(entries)
-    ]
+    return {
+        i: adapter_named(entries[i].framework).finalize(outcome.arrays[i], entries[i], device)
+        for i in wanted
+    }
 
 
 def _adopter(where: str) -> Any:
@@ -217,13 +237,16 @@ def _allocator(where: str) -> Any:
     return allocate
 
 
-def _decode(checkpoint: OpenCheckpoint, arrays: list[Any]) -> Any:
+def _decode(checkpoint: OpenCheckpoint, arrays: Mapping[int, Any], node: Any = _WHOLE_TREE) -> Any:
+    """Decode ``node`` (default: the whole tree), its tensors taken from ``arrays``."""
+
     def resolve(index: int) -> Any:
-        if not 0 <= index < len(arrays):
+        if index not in arrays:
             raise CorruptCheckpointError(f"{checkpoint.directory}: tree refers to tensor {index}")
         return arrays[index]
 
-    return tree_codec.decode(checkpoint.manifest.tree, resolve, checkpoint.directory)
+    tree = checkpoint.manifest.tree if node is _WHOLE_TREE else node
+    return tree_codec.decode(tree, resolve, checkpoint.directory)
 
 
 @dataclass
@@ -277,7 +300,7 @@ def _scratch(entry: TensorEntry) -> tuple[object, memoryview]:
 def _tree_problems(checkpoint: OpenCheckpoint) -> list[str]:
     count = len(checkpoint.manifest.tensors)
     try:
-        _decode(checkpoint, [object() for _ in range(count)])  # stand-ins: not numbers
+        _decode(checkpoint, {i: object() for i in range(count)})  # stand-ins: not numbers
         tree_codec.decode(
             checkpoint.manifest.metadata, _no_tensor_in_metadata, checkpoint.directory
         )

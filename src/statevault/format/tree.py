@@ -291,3 +291,69 @@ def decode(node: Node, resolve_tensor: TensorResolver, where: str = "checkpoint"
         return _Decoder(resolve_tensor, where).node(node, "", 0)
     except RecursionError:
         raise CorruptCheckpointError(f"{where}: tree nested too deeply") from None
+
+
+def subtree(node: Node, path: str, where: str = "checkpoint") -> Node:
+    """The encoded node at key path ``path`` (``model`` or ``optimizer/state/0``), matching each
+    component against the display text of dict keys and against list and tuple indices; a
+    Stateful node is stepped through to its state. KeyError when nothing is there."""
+    current = node
+    for part in [p for p in path.split("/") if p]:
+        current = _child(_unwrap(current), part)
+        if current is _MISSING:
+            raise KeyError(f"{where} has nothing at {path!r} (no {part!r} there)")
+    return current
+
+
+_MISSING = object()
+
+
+def _unwrap(node: Node) -> Node:
+    while type(node) is dict and node.get("$") == "stateful":
+        node = node.get("state")
+    return node
+
+
+def _child(node: Node, part: str) -> Node:
+    items: Any = None
+    if type(node) is list:
+        items = node
+    elif type(node) is dict and node.get("$") == "tuple":
+        items = node.get("items")
+    if items is not None:
+        if type(items) is list and part.isdigit() and int(part) < len(items):
+            return items[int(part)]
+        return _MISSING
+    if type(node) is not dict or node.get("$") not in ("dict", "odict"):
+        return _MISSING
+    if type(node.get("v")) is dict:
+        return node["v"].get(part, _MISSING)
+    for pair in node.get("items", []):
+        if type(pair) is list and len(pair) == 2 and _key_text(pair[0]) == part:
+            return pair[1]
+    return _MISSING
+
+
+def _key_text(key_node: Node) -> str:
+    try:
+        key = decode(key_node, lambda i: None)
+    except CorruptCheckpointError:
+        return ""
+    return join_path("", key)
+
+
+def tensor_ids(node: Node, depth: int = 0) -> set[int]:
+    """The ids of every tensor an encoded subtree refers to (what a partial load must read)."""
+    found: set[int] = set()
+    if depth > MAX_DEPTH:
+        return found
+    if type(node) is list:
+        for item in node:
+            found |= tensor_ids(item, depth + 1)
+    elif type(node) is dict:
+        if node.get("$") == "tensor" and type(node.get("id")) is int:
+            found.add(node["id"])
+        for value in node.values():
+            if type(value) in (list, dict):
+                found |= tensor_ids(value, depth + 1)
+    return found
