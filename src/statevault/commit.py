@@ -221,3 +221,12 @@ class ObjectCommit:
 
 def committer_for(target: Location) -> LocalCommit | ObjectCommit:
     return LocalCommit() if target.storage.atomic_rename else ObjectCommit()
+
+
+def delete_committed(path: str) -> None:
+    """Uncommit in one atomic step (rename to a temporary name, fsync), then delete: a crash
+    halfway leaves a temporary that the next manager sweeps, never a half-deleted step."""
+    doomed = f"{path}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
+    os.rename(path, doomed)
+    fsync_dir(os.path.dirname(path))
+    LocalStorage().remove_tree(doomed)

@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from statevault.adapters import adapter_for
 from statevault.commit import LocalCommit, ObjectCommit, committer_for
 from statevault.engine.arena import StagingArena
 from statevault.engine.layout import assign_files
@@ -277,3 +278,20 @@ def _pieces(job: _Job, budget: int) -> list[list[int]]:
         pieces[-1].append(index)
         used += size
     return pieces
+
+
+def expected_first_save_bytes(state: Mapping[str, Any]) -> int:
+    """The state's bytes at its first save. An optimizer that has not stepped yet has no
+    moments: reserve two per parameter (Adam's), which is what most optimizers grow to."""
+    total = plan_save(state).total_bytes
+    for value in state.values():
+        groups = getattr(value, "param_groups", None)
+        if isinstance(groups, list) and not getattr(value, "state", True):
+            params = [p for group in groups for p in group.get("params", [])]
+            total += 2 * sum(_array_bytes(p) for p in params)
+    return total
+
+
+def _array_bytes(value: Any) -> int:
+    adapter = adapter_for(value)
+    return adapter.describe(value, "").nbytes if adapter is not None else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,3 +131,19 @@ def _reject(value: Any, path: str) -> None:
 
 def _canonical(body: Any) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Metrics as python values: numpy scalars and 0-d tensors (a loss.item() forgotten) too."""
+    plain: dict[str, Any] = {}
+    for key, value in (metrics or {}).items():
+        is_scalar_array = getattr(value, "ndim", None) == 0 and callable(
+            getattr(value, "item", None)
+        )
+        plain[key] = value.item() if is_scalar_array else value
+    return plain
+
+
+def encode_metrics(metrics: Mapping[str, Any] | None) -> Any:
+    """Metrics as a tree node; arrays are refused with an error naming the metric."""
+    return tree.encode(plain_metrics(metrics), _reject, "metrics")

@@ -29,15 +29,14 @@ from types import TracebackType
 from typing import Any, Literal
 
 from statevault import commit
-from statevault.adapters import adapter_for
 from statevault.checkpoint import load, local_path
-from statevault.engine.plan import plan_save
 from statevault.errors import CheckpointError, CorruptCheckpointError
-from statevault.format import tree
 from statevault.manager.index import (
     CheckpointRecord,
     RunScan,
     annotations_bytes,
+    encode_metrics,
+    plain_metrics,
     read_annotations,
     read_record,
     scan_run,
@@ -47,13 +46,12 @@ from statevault.manager.naming import ANNOTATIONS_FILE, LOCK_FILE, RUN_FILE, ste
 from statevault.manager.preemption import PreemptionWatcher
 from statevault.manager.retention import (
     KeepBest,
-    KeepEveryNSteps,
-    KeepLatest,
     RetentionPolicy,
     decide,
+    policies_from_options,
 )
 from statevault.manager.run import new_run, new_session, read_run, write_run
-from statevault.saver import SaveFuture, Saver
+from statevault.saver import SaveFuture, Saver, expected_first_save_bytes
 from statevault.storage.local import LocalStorage, fsync_dir
 
 logger = logging.getLogger("statevault")
@@ -95,7 +93,9 @@ class CheckpointManager:
         self.retention = (
             list(retention)
             if retention is not None
-            else _policies(max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best)
+            else policies_from_options(
+                max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best
+            )
         )
         os.makedirs(self.directory, exist_ok=True)
         self._lock = RunLock(os.path.join(self.directory, LOCK_FILE))
@@ -239,7 +239,7 @@ class CheckpointManager:
             restored = self._restore_own(into, step, device, strict)
         if into is not None:
             # Staging memory for async saves is made ready now, in the background.
-            self._saver.prepare(into, expected_bytes=_expected_state_bytes(into))
+            self._saver.prepare(into, expected_bytes=expected_first_save_bytes(into))
         return restored
 
     def _restore_own(
@@ -371,7 +371,7 @@ class CheckpointManager:
         extra = {
             "run_id": self.run_id,
             "step": step,
-            "metrics": tree.encode(_plain_metrics(metrics), _no_arrays, "metrics"),
+            "metrics": encode_metrics(metrics),
         }
         future = self._saver.save(state, path, metadata=metadata, overwrite=force, extra_info=extra)
         self._pending = (step, future)
@@ -422,7 +422,7 @@ class CheckpointManager:
         for step in deletable:
             record = self._scan.records[step]
             logger.info("statevault: retention deletes %s", record.path)
-            _delete_checkpoint(record.path)
+            commit.delete_committed(record.path)
             del self._scan.records[step]
 
     def annotate(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -430,14 +430,14 @@ class CheckpointManager:
         best-K retention. Stored beside the manifest, which stays untouched."""
         self._check_open()
         record = self._committed_record(step)
-        merged = {**read_annotations(record.path), **_plain_metrics(metrics)}
+        merged = {**read_annotations(record.path), **plain_metrics(metrics)}
         target = os.path.join(record.path, ANNOTATIONS_FILE)
         tmp = f"{target}{commit.TMP_MARKER}{uuid.uuid4().hex[:8]}"
         with LocalStorage().open_write(tmp) as handle:
             handle.write(memoryview(annotations_bytes(merged)))
         os.replace(tmp, target)
         fsync_dir(record.path)
-        record.metrics.update(_plain_metrics(metrics))
+        record.metrics.update(plain_metrics(metrics))
         self._apply_retention()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -481,63 +481,3 @@ class CheckpointManager:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             self.close()
-
-
-def _policies(
-    max_to_keep: int | None,
-    keep_every_n_steps: int | None,
-    best_metric: str | None,
-    best_mode: Literal["min", "max"],
-    keep_best: int,
-) -> list[RetentionPolicy]:
-    if best_mode not in ("min", "max"):
-        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-    policies: list[RetentionPolicy] = []
-    if max_to_keep is not None:
-        policies.append(KeepLatest(max_to_keep))
-    if keep_every_n_steps:
-        policies.append(KeepEveryNSteps(keep_every_n_steps))
-    if best_metric is not None:
-        policies.append(KeepBest(best_metric, best_mode, keep_best))
-    return policies
-
-
-def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Metrics as python values: numpy scalars and 0-d tensors (a loss.item() forgotten) too."""
-    plain: dict[str, Any] = {}
-    for key, value in (metrics or {}).items():
-        is_scalar_array = getattr(value, "ndim", None) == 0 and callable(
-            getattr(value, "item", None)
-        )
-        plain[key] = value.item() if is_scalar_array else value
-    return plain
-
-
-def _delete_checkpoint(path: str) -> None:
-    """Uncommit in one atomic step (rename to a temporary name, fsync), then delete: a crash
-    halfway leaves a temporary that the next manager sweeps, never a half-deleted step."""
-    doomed = f"{path}{commit.TMP_MARKER}{uuid.uuid4().hex[:12]}"
-    os.rename(path, doomed)
-    fsync_dir(os.path.dirname(path))
-    LocalStorage().remove_tree(doomed)
-
-
-def _expected_state_bytes(state: Mapping[str, Any]) -> int:
-    """The state's bytes at its first save. An optimizer that has not stepped yet has no
-    moments: reserve two per parameter (Adam's), which is what most optimizers grow to."""
-    total = plan_save(state).total_bytes
-    for value in state.values():
-        groups = getattr(value, "param_groups", None)
-        if isinstance(groups, list) and not getattr(value, "state", True):
-            params = [p for group in groups for p in group.get("params", [])]
-            total += 2 * sum(_array_bytes(p) for p in params)
-    return total
-
-
-def _array_bytes(value: Any) -> int:
-    adapter = adapter_for(value)
-    return adapter.describe(value, "").nbytes if adapter is not None else 0
-
-
-def _no_arrays(value: Any, path: str) -> None:
-    return None  # tree.encode then raises UnsupportedValueError naming the key path

@@ -82,3 +82,23 @@ def decide(
             reasons.setdefault(step, []).append(why)
     deletable = [r.step for r in committed if r.step not in reasons]
     return reasons, deletable
+
+
+def policies_from_options(
+    max_to_keep: int | None,
+    keep_every_n_steps: int | None,
+    best_metric: str | None,
+    best_mode: Literal["min", "max"],
+    keep_best: int,
+) -> list[RetentionPolicy]:
+    """The policies the manager's keyword options stand for (an empty list keeps everything)."""
+    if best_mode not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    policies: list[RetentionPolicy] = []
+    if max_to_keep is not None:
+        policies.append(KeepLatest(max_to_keep))
+    if keep_every_n_steps:
+        policies.append(KeepEveryNSteps(keep_every_n_steps))
+    if best_metric is not None:
+        policies.append(KeepBest(best_metric, best_mode, keep_best))
+    return policies
