@@ -139,14 +139,19 @@ class Saver:
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: SaveFuture | None = None
 
-    def prepare(self, state: Any, expected_bytes: int | None = None) -> None:
-        """Get staging memory ready for ``state`` in the background, off the training path."""
+    def prepare(self, state: Any, reserve_optimizer_moments: bool = False) -> None:
+        """Get staging memory ready for ``state`` in the background, off the training path.
+
+        ``reserve_optimizer_moments``: also make room for the moments an optimizer in ``state``
+        has not grown yet (see :func:`unborn_moment_bytes`)."""
         if not self.asynchronous:
             return
         plan = plan_save(state)
         for adapter, indices in by_adapter(plan).items():
             adapter.prepare_staging([plan.leaves[i].value for i in indices], self.arena)
-        wanted = max(plan.total_bytes, expected_bytes or 0)
+        wanted = plan.total_bytes
+        if reserve_optimizer_moments and isinstance(state, Mapping):
+            wanted += unborn_moment_bytes(state)
         self.arena.prewarm(min(wanted, self.budget) + 64 * len(plan.leaves))
 
     def save(
@@ -200,7 +205,7 @@ class Saver:
         """Stage the state; pieces beyond the budget are written first (async only)."""
         started = time.perf_counter()
         if not self.asynchronous:
-            views = stage(job.plan, copy=False)
+            views = stage(job.plan)
             job.timings["stage_s"] = time.perf_counter() - started
             return list(range(len(job.files))), dict(enumerate(views))
         pieces = _pieces(job, self.budget)
@@ -280,10 +285,10 @@ def _pieces(job: _Job, budget: int) -> list[list[int]]:
     return pieces
 
 
-def expected_first_save_bytes(state: Mapping[str, Any]) -> int:
-    """The state's bytes at its first save. An optimizer that has not stepped yet has no
-    moments: reserve two per parameter (Adam's), which is what most optimizers grow to."""
-    total = plan_save(state).total_bytes
+def unborn_moment_bytes(state: Mapping[str, Any]) -> int:
+    """What the state will grow by at its first save: an optimizer that has not stepped yet has
+    no moments; count two per parameter (Adam's), which is what most optimizers grow to."""
+    total = 0
     for value in state.values():
         groups = getattr(value, "param_groups", None)
         if isinstance(groups, list) and not getattr(value, "state", True):

@@ -4,7 +4,8 @@ One module per framework implements the same functions (the safetensors habit). 
 
     adapter.describe(obj, path)          -> ArraySpec (dtype name, shape, attrs)
     adapter.identity(obj)                -> a key equal for the same tensor (ties), or None
-    adapter.stage(objs, copy)            -> C-contiguous little-endian bytes of each, host side
+    adapter.stage(objs)                  -> C-contiguous little-endian bytes of each, viewed in
+                                            place on the host where possible (a blocked caller)
     adapter.stage_into(objs, arena)      -> the same, copied into reusable staging memory
     adapter.prepare_staging(objs, arena) -> ready the arena for these objects (pinning)
 
@@ -44,7 +45,7 @@ class ArrayAdapter(Protocol):
 
     def identity(self, obj: Any) -> Hashable | None: ...
 
-    def stage(self, objs: Sequence[Any], copy: bool) -> list[memoryview]: ...
+    def stage(self, objs: Sequence[Any]) -> list[memoryview]: ...
 
     def stage_into(self, objs: Sequence[Any], arena: StagingArena) -> list[memoryview]: ...
 

@@ -38,8 +38,8 @@ class NumpyAdapter:
         interface = obj.__array_interface__
         return ("numpy", interface["data"][0], obj.shape, obj.strides, obj.dtype.str)
 
-    def stage(self, objs: Sequence[Any], copy: bool) -> list[memoryview]:
-        return [memoryview(_host_bytes(obj, copy)) for obj in objs]
+    def stage(self, objs: Sequence[Any]) -> list[memoryview]:
+        return [memoryview(_host_bytes(obj)) for obj in objs]
 
     def stage_into(self, objs: Sequence[Any], arena: StagingArena) -> list[memoryview]:
         views = []
@@ -93,10 +93,10 @@ def _numpy_dtype(entry: TensorEntry) -> np.dtype[Any]:
     return np.dtype(name).newbyteorder("<")
 
 
-def _host_bytes(obj: Any, copy: bool) -> Any:
+def _host_bytes(obj: Any) -> Any:
     array = obj
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and np.little_endian is False):
         array = array.astype(array.dtype.newbyteorder("<"))
-    elif copy or not array.flags.c_contiguous:
+    elif not array.flags.c_contiguous:
         array = array.copy(order="C")
     return array.reshape(-1).view(np.uint8)

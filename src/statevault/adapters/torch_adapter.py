@@ -61,8 +61,8 @@ class TorchAdapter:
             tensor.requires_grad,
         )
 
-    def stage(self, objs: Sequence[Any], copy: bool) -> list[memoryview]:
-        staged = [_stage_one(t.detach(), copy) for t in objs]
+    def stage(self, objs: Sequence[Any]) -> list[memoryview]:
+        staged = [_stage_one(t.detach()) for t in objs]
         if any(t.device.type == "cuda" for t in objs):
             torch.cuda.synchronize()
         return [_memoryview(t) for t in staged]
@@ -215,14 +215,12 @@ def _check_supported(tensor: torch.Tensor, path: str) -> None:
         raise UnsupportedValueError(path, "meta tensors hold no data; materialize them first")
 
 
-def _stage_one(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+def _stage_one(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.resolve_conj().resolve_neg()
     if tensor.device.type != "cpu":
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
         host.copy_(tensor, non_blocking=True)
         return host
-    if copy:
-        return tensor.clone(memory_format=torch.contiguous_format)
     return tensor.contiguous()
 
 

@@ -1,8 +1,9 @@
-"""Stage: copy (or, for a synchronous save of host memory, view) every leaf's bytes on the host.
+"""Stage: view (synchronous save) or copy (asynchronous save) every leaf's bytes on the host.
 
 After staging the caller's objects are no longer needed: what is written is the staged bytes. A
-synchronous save blocks the caller until the write is done, so host tensors are viewed in place;
-an asynchronous save copies them, since training mutates them as soon as save() returns.
+synchronous save blocks the caller until the write is done, so host tensors are viewed in place
+(:func:`stage`); an asynchronous save copies them into its arena (:func:`stage_into`), since
+training mutates them as soon as save() returns.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ def by_adapter(plan: SavePlan, leaves: Sequence[int] | None = None) -> dict[Any,
     return groups
 
 
-def stage(plan: SavePlan, copy: bool) -> list[memoryview]:
+def stage(plan: SavePlan) -> list[memoryview]:
     """The bytes of each leaf of ``plan``, in leaf order; device copies are batched per adapter."""
     staged: dict[int, memoryview] = {}
     for adapter, indices in by_adapter(plan).items():
-        views = adapter.stage([plan.leaves[i].value for i in indices], copy)
+        views = adapter.stage([plan.leaves[i].value for i in indices])
         for index, view in zip(indices, views, strict=True):
             if len(view) != plan.leaves[index].spec.nbytes:
                 raise RuntimeError(f"staging {plan.leaves[index].path} produced a wrong size")

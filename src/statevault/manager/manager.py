@@ -51,7 +51,7 @@ from statevault.manager.retention import (
     policies_from_options,
 )
 from statevault.manager.run import new_run, new_session, read_run, write_run
-from statevault.saver import SaveFuture, Saver, expected_first_save_bytes
+from statevault.saver import SaveFuture, Saver
 from statevault.storage.local import LocalStorage, fsync_dir
 
 logger = logging.getLogger("statevault")
@@ -239,7 +239,7 @@ class CheckpointManager:
             restored = self._restore_own(into, step, device, strict)
         if into is not None:
             # Staging memory for async saves is made ready now, in the background.
-            self._saver.prepare(into, expected_bytes=expected_first_save_bytes(into))
+            self._saver.prepare(into, reserve_optimizer_moments=True)
         return restored
 
     def _restore_own(
