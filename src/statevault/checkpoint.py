@@ -28,7 +28,7 @@ from statevault.format.names import MANIFEST_NAME
 from statevault.restore import LoadedState, restore_into
 from statevault.saver import Saver
 from statevault.storage.local import open_read, read_into_fd
-from statevault.storage.location import Location, resolve
+from statevault.storage.location import Location, local_directory, resolve
 
 PathLike = str | os.PathLike[str]
 _WHOLE_TREE = object()
@@ -326,13 +326,13 @@ def _loadability_problems(manifest: Manifest) -> list[str]:
 
 
 def local_path(path: PathLike) -> str:
-    """The local directory a path or ``file://`` URL names; other URL schemes are refused."""
-    text = os.fspath(path)
-    if text.startswith("file://"):
-        text = text[len("file://") :]
-    elif "://" in text:
-        scheme = text.split("://", 1)[0]
+    """The local directory a path or ``file://`` URL names, for what works on local disks only
+    (the manager, the run commands of the CLI); other URL schemes are refused."""
+    directory = local_directory(path)
+    if directory is None:
+        scheme = os.fspath(path).split("://", 1)[0]
         raise CheckpointError(
-            f"storage scheme {scheme}:// is not supported by this statevault; use a local path"
+            f"{scheme}:// is not supported here yet: run directories must be local paths "
+            "(sv.save, sv.load and sv.verify accept URLs)"
         )
-    return os.path.abspath(text)
+    return directory

@@ -51,6 +51,14 @@ class Location:
         return Location(self.storage, posixpath.join(parent, name), f"{url_parent}/{name}")
 
 
+def local_directory(target: PathLike) -> str | None:
+    """The absolute local path a plain path or ``file://`` URL names; None for any other URL."""
+    text = os.fspath(target)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    return None if "://" in text else os.path.abspath(text)
+
+
 def resolve(
     target: PathLike | Location, storage_options: Mapping[str, Any] | None = None
 ) -> Location:
@@ -58,10 +66,8 @@ def resolve(
     if isinstance(target, Location):
         return target
     text = os.fspath(target)
-    if text.startswith("file://"):
-        text = text[len("file://") :]
-    if "://" not in text:
-        path = os.path.abspath(text)
+    path = local_directory(text)
+    if path is not None:
         return Location(LocalStorage(), path, path)
     import fsspec  # only when a URL is used
 
