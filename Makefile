@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= torch,test
+EXTRAS ?= torch,tensorflow,test
 
 .PHONY: demo test lint typecheck unit bench clean
 
@@ -32,6 +32,7 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/save_load.py
+	$(PY) benchmarks/s3_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -25,7 +25,7 @@ from typing import Any
 from statevault.adapters import adapter_for
 from statevault.errors import StateMismatchError
 from statevault.format.tree import join_path
-from statevault.stateful import is_stateful
+from statevault.stateful import as_stateful
 
 
 class LoadedState(dict):  # type: ignore[type-arg]
@@ -63,8 +63,8 @@ def compare(target: Any, loaded: Any, path: str, fit: _Fit) -> None:
         problem = adapter.mismatch(target, loaded)
         if problem is not None:
             fit.mismatched.append(f"{path}: {problem}")
-    elif is_stateful(target):
-        compare(target.state_dict(), loaded, path, fit)
+    elif (stateful := as_stateful(target)) is not None:
+        compare(stateful.state_dict(), loaded, path, fit)
     elif isinstance(target, Mapping):
         _compare_mappings(target, loaded, path, fit)
     elif isinstance(target, (list, tuple)):
@@ -133,8 +133,8 @@ def _apply(target: Any, loaded: Any, path: str, fit: _Fit) -> None:
     if adapter is not None:
         if adapter.mismatch(target, loaded) is None:
             adapter.copy_into(target, loaded)
-    elif is_stateful(target):
-        _apply_stateful(target, loaded, path, fit)
+    elif (stateful := as_stateful(target)) is not None:
+        _apply_stateful(stateful, loaded, path, fit)
     elif isinstance(target, Mapping) and isinstance(loaded, Mapping):
         for key, value in target.items():
             if key in loaded:

@@ -14,6 +14,8 @@ all qualify. Example::
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -28,6 +30,25 @@ def is_stateful(value: object) -> bool:
     return callable(getattr(value, "state_dict", None)) and callable(
         getattr(value, "load_state_dict", None)
     )
+
+
+# Framework objects that are Stateful without the methods (a Keras model, a tf.Module): the
+# framework module that must already be imported -> the module whose ``stateful_view(value)``
+# returns a Stateful view of ``value``, or None. Nothing is imported before the framework is.
+_VIEWS = {"tensorflow": "statevault.integrations.tf_state"}
+
+
+def as_stateful(value: object) -> Stateful | None:
+    """``value`` itself when it is Stateful, else a Stateful view of a framework object that
+    is saved as its state (see ``_VIEWS``), else None."""
+    if is_stateful(value):
+        return value  # type: ignore[return-value]
+    for framework, module_name in _VIEWS.items():
+        if framework in sys.modules:
+            view: Stateful | None = importlib.import_module(module_name).stateful_view(value)
+            if view is not None:
+                return view
+    return None
 
 
 def type_name(value: object) -> str:

@@ -19,6 +19,12 @@ __all__ = ["ArrayAdapter", "ArraySpec", "adapter_for", "adapter_named", "known_f
 _KNOWN = {
     "numpy": ("numpy", "statevault.adapters.numpy_adapter", "NumpyAdapter", "numpy"),
     "torch": ("torch", "statevault.adapters.torch_adapter", "TorchAdapter", "torch"),
+    "tensorflow": (
+        "tensorflow",
+        "statevault.adapters.tf_adapter",
+        "TensorFlowAdapter",
+        "tensorflow",
+    ),
 }
 _LOADED: dict[str, ArrayAdapter] = {}
 

@@ -1,0 +1,1 @@
+"""Thin glue between statevault and training frameworks (Keras callback, TF state views)."""
