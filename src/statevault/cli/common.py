@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import enum
+import json
+import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from statevault.errors import CheckpointError
+from statevault.storage.location import local_directory
 
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -75,3 +80,57 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print one JSON document on stdout instead of tables (for scripts)",
     )
+
+
+STORAGE_OPTIONS_ENV = "STATEVAULT_STORAGE_OPTIONS"
+
+
+def add_storage_options(parser: argparse.ArgumentParser) -> None:
+    """``--storage-option KEY=VALUE`` (repeatable): fsspec options for URLs. Dotted keys nest
+    (``client_kwargs.endpoint_url=http://...``); values are JSON where they parse (``true``,
+    ``3``), else strings. ``$STATEVAULT_STORAGE_OPTIONS`` may hold a JSON object of defaults;
+    fsspec's own environment (``AWS_*``, ``FSSPEC_S3_*``) works too."""
+    parser.add_argument(
+        "--storage-option",
+        dest="storage_option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for URLs, e.g. client_kwargs.endpoint_url=http://minio:9000 "
+        f"(repeatable; defaults from ${STORAGE_OPTIONS_ENV}, a JSON object)",
+    )
+
+
+def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The storage options the command line and the environment give (None: none at all)."""
+    options: dict[str, Any] = {}
+    env = os.environ.get(STORAGE_OPTIONS_ENV)
+    if env:
+        try:
+            loaded = json.loads(env)
+        except ValueError as exc:
+            raise CheckpointError(f"${STORAGE_OPTIONS_ENV} is not JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise CheckpointError(f"${STORAGE_OPTIONS_ENV} must be a JSON object")
+        options.update(loaded)
+    for item in getattr(args, "storage_option", None) or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise CheckpointError(f"--storage-option takes KEY=VALUE, got {item!r}")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        target = options
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise CheckpointError(f"--storage-option {key}: {part} is not a mapping")
+        target[leaf] = value
+    return options or None
+
+
+def is_url(path: str) -> bool:
+    """True for a URL other than ``file://`` (those go through fsspec)."""
+    return local_directory(path) is None

@@ -39,7 +39,14 @@ from rich.text import Text
 
 from statevault.checkpoint import OpenCheckpoint, local_path, open_checkpoint
 from statevault.cli import render, runs
-from statevault.cli.common import ExitCode, add_command, add_json_flag
+from statevault.cli.common import (
+    ExitCode,
+    add_command,
+    add_json_flag,
+    add_storage_options,
+    is_url,
+    storage_options,
+)
 from statevault.cli.diff_numeric import NoArithmetic, backend_for, distances, read_tensor
 from statevault.errors import CheckpointError, CorruptCheckpointError
 from statevault.format import tree as tree_codec
@@ -78,13 +85,15 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--only", metavar="PREFIX", help="compare only key paths under PREFIX (e.g. model)"
     )
+    add_storage_options(parser)
     add_json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     console = render.make_console()
     try:
-        a, b = open_diffable(args.a), open_diffable(args.b)
+        options = storage_options(args)
+        a, b = open_diffable(args.a, options), open_diffable(args.b, options)
         result = compare(a, b, args.only)
         measure_changed(result, a, b, console, show_progress=not args.json)
     except CorruptCheckpointError as exc:  # damage is an error here (2), not a difference (1)
@@ -96,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
     return ExitCode.OK if result.identical else ExitCode.PROBLEMS
 
 
-def open_diffable(path: str) -> OpenCheckpoint:
+def open_diffable(path: str, options: Mapping[str, Any] | None = None) -> OpenCheckpoint:
     """The checkpoint at ``path``; a run directory is refused with a hint to name a step."""
+    if is_url(path):
+        return open_checkpoint(path, options)
     if not runs.is_checkpoint_dir(local_path(path)) and runs.is_run_dir(local_path(path)):
         raise runs.UsageError(
             f"{path} is a run directory, not a checkpoint: name one of its step_* directories "

@@ -23,8 +23,8 @@ import os
 from typing import TYPE_CHECKING
 
 from statevault.checkpoint import local_path
-from statevault.cli import render, rm_cmd, runs
-from statevault.cli.common import add_command, add_json_flag
+from statevault.cli import remote_runs, render, rm_cmd, runs
+from statevault.cli.common import add_command, add_json_flag, add_storage_options, is_url
 from statevault.cli.rm_cmd import Deletion, Found
 from statevault.commit import TMP_MARKER
 from statevault.errors import CheckpointNotFoundError
@@ -54,10 +54,20 @@ def register(subparsers: Subparsers) -> None:
     )
     runs.add_retention_arguments(parser)
     rm_cmd.add_destructive_flags(parser)
+    parser.add_argument(
+        "--older-than",
+        type=float,
+        metavar="SECONDS",
+        help="URLs: a step_* prefix without a manifest is garbage once its newest object is "
+        "this old (default 3600: a younger one may be a save in flight)",
+    )
+    add_storage_options(parser)
     add_json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if is_url(args.run):
+        return remote_runs.gc(args, runs.policies_from_args(args))
     run_dir = local_path(args.run)
     if not runs.is_run_dir(run_dir):
         raise CheckpointNotFoundError(f"{run_dir} is not a statevault run directory")

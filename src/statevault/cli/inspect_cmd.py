@@ -17,6 +17,7 @@ shards are missing or damaged (``statevault verify`` checks those).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,15 @@ from rich.text import Text
 
 from statevault.checkpoint import OpenCheckpoint, open_checkpoint
 from statevault.cli import render
-from statevault.cli.common import ExitCode, add_command, add_json_flag, add_path_argument
+from statevault.cli.common import (
+    ExitCode,
+    add_command,
+    add_json_flag,
+    add_path_argument,
+    add_storage_options,
+    storage_options,
+)
+from statevault.errors import CheckpointError
 from statevault.format import tree
 from statevault.format.manifest import Manifest, TensorEntry
 
@@ -48,11 +57,17 @@ def register(subparsers: Subparsers) -> None:
         handler=run,
     )
     add_path_argument(parser)
+    parser.add_argument(
+        "--only", metavar="KEY", help="show only this subtree's arrays (a key path: model)"
+    )
+    add_storage_options(parser)
     add_json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint = open_checkpoint(args.path)
+    checkpoint = open_checkpoint(args.path, storage_options(args))
+    if args.only is not None:
+        checkpoint = only_subtree(checkpoint, args.only)
     metadata = decode_metadata(checkpoint)
     if args.json:
         render.emit_json(inspect_document(checkpoint, metadata))
@@ -69,6 +84,21 @@ class TensorRef:
 
     def __repr__(self) -> str:
         return f"<tensor {self.index}>"
+
+
+def only_subtree(checkpoint: OpenCheckpoint, key: str) -> OpenCheckpoint:
+    """The checkpoint as if it held only the arrays of subtree ``key`` (and their files)."""
+    manifest = checkpoint.manifest
+    try:
+        node = tree.subtree(manifest.tree, key, checkpoint.directory)
+    except KeyError as exc:
+        raise CheckpointError(str(exc.args[0])) from None
+    ids = sorted(i for i in tree.tensor_ids(node) if 0 <= i < len(manifest.tensors))
+    tensors = [manifest.tensors[i] for i in ids]
+    names = {entry.file for entry in tensors}
+    files = [entry for entry in manifest.files if entry.name in names]
+    subset = dataclasses.replace(manifest, tensors=tensors, files=files, tree=node)
+    return OpenCheckpoint(checkpoint.location, subset)
 
 
 def decode_metadata(checkpoint: OpenCheckpoint) -> Any:

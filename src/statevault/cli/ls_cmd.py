@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,13 @@ from rich.text import Text
 
 from statevault.checkpoint import local_path
 from statevault.cli import render, runs
-from statevault.cli.common import ExitCode, add_command, add_json_flag
+from statevault.cli.common import (
+    ExitCode,
+    add_command,
+    add_json_flag,
+    add_storage_options,
+    is_url,
+)
 from statevault.errors import CheckpointNotFoundError
 from statevault.manager.index import CheckpointRecord, RunScan
 from statevault.manager.naming import parse_step
@@ -72,10 +79,13 @@ def register(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--mode", choices=("min", "max"), default="min", help="runs: best is min")
     runs.add_retention_arguments(parser)
+    add_storage_options(parser)
     add_json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if is_url(args.path):
+        return show_document(run_document(read_remote_view(args)), show_run, args)
     path = local_path(args.path)
     kind = runs.classify(path)
     if kind == "checkpoint":
@@ -92,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         document = root_document(path, args.metric, args.mode)
         show = show_root
+    return show_document(document, show, args)
+
+
+def show_document(
+    document: dict[str, Any],
+    show: Callable[[Console, dict[str, Any]], None],
+    args: argparse.Namespace,
+) -> int:
     if args.json:
         render.emit_json(document)
     else:
@@ -118,6 +136,19 @@ def read_view(path: str, args: argparse.Namespace) -> RunView:
     kept = runs.retention_reasons(scan, header.run_id, policies)[0] if policies else None
     retention = runs.describe_policies(policies) if policies else None
     return RunView(header, scan, kept, retention, runs.live_holder(path))
+
+
+def read_remote_view(args: argparse.Namespace) -> RunView:
+    """The view of a run at a URL (see cli/remote_runs.py)."""
+    from statevault.cli import remote_runs
+
+    run = remote_runs.open_run(args.path, args)
+    policies = runs.policies_from_args(args)
+    header = runs.read_header(run.url, run)
+    scan = remote_runs.scan(run)
+    kept = runs.retention_reasons(scan, header.run_id, policies)[0] if policies else None
+    retention = runs.describe_policies(policies) if policies else None
+    return RunView(header, scan, kept, retention, runs.live_holder(run))
 
 
 def run_document(view: RunView) -> dict[str, Any]:
@@ -158,7 +189,7 @@ def checkpoint_document(
         "status": record.status,
         "problem": runs.short_problem(record, limit=400) if record.problem else None,
         "created": record.created,
-        "bytes": runs.disk_bytes(record.path),
+        "bytes": record.total_bytes if is_url(record.path) else runs.disk_bytes(record.path),
         "metrics": record.metrics,
         "save": {key: record.save.get(key) for key in SAVE_TIMINGS},
         "kept_because": kept.get(record.step, []) if committed and kept is not None else None,
@@ -167,6 +198,8 @@ def checkpoint_document(
 
 def temporaries(view: RunView) -> list[dict[str, Any]]:
     run = view.header.path
+    if is_url(run):  # an object store: saves write in place, nothing is set aside
+        return []
     state = "in flight" if view.writer is not None else "leftover of an interrupted save"
     rows = [(name, "temporary", state) for name in view.scan.temporaries]
     rows += [

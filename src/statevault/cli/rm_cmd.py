@@ -30,7 +30,13 @@ from rich.table import Table
 
 from statevault.checkpoint import local_path, open_checkpoint
 from statevault.cli import render, runs
-from statevault.cli.common import ExitCode, add_command, add_json_flag
+from statevault.cli.common import (
+    ExitCode,
+    add_command,
+    add_json_flag,
+    add_storage_options,
+    is_url,
+)
 from statevault.errors import CheckpointError, CheckpointNotFoundError
 from statevault.manager.naming import is_temporary_name, parse_step, step_dir_name
 from statevault.storage.local import LocalStorage, fsync_dir
@@ -58,6 +64,7 @@ def register(subparsers: Subparsers) -> None:
         "--step", type=_step, action="append", metavar="N", help="a step of RUN (repeatable)"
     )
     add_destructive_flags(parser)
+    add_storage_options(parser)
     add_json_flag(parser)
 
 
@@ -79,6 +86,10 @@ def add_destructive_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if any(is_url(path) for path in args.paths):
+        from statevault.cli import remote_runs  # it imports this module
+
+        return remote_runs.rm(args)
     targets = step_targets(args.paths, args.step) if args.step else path_targets(args.paths)
     run_dirs = [parent for parent in parents(targets) if runs.is_run_dir(parent)]
     return carry_out(run_dirs, lambda: Found([describe(path) for path in targets]), args)

@@ -43,6 +43,7 @@ from statevault.manager.retention import (
     decide,
 )
 from statevault.manager.run import decoded_config, read_run
+from statevault.storage.location import Location
 
 PathKind = Literal["checkpoint", "run", "root"]
 Mode = Literal["min", "max"]
@@ -176,9 +177,10 @@ class RunHeader:
         return entries
 
 
-def read_header(run: str) -> RunHeader:
-    record = read_run(run)
-    name = os.path.basename(os.path.abspath(run))
+def read_header(run: str, location: Location | None = None) -> RunHeader:
+    """``run.json`` of a local run (or of ``location``, a run at a URL, shown as ``run``)."""
+    record = read_run(location if location is not None else run)
+    name = location.name if location is not None else os.path.basename(os.path.abspath(run))
     if record is None:
         return RunHeader(run, name, None, None, None, [])
     sessions = record.get("sessions")
@@ -397,12 +399,18 @@ class Holder:
         return time.time() - self.heartbeat < self.lease_seconds
 
 
-def read_holder(run: str) -> Holder | None:
-    """The holder recorded in the lock file (a released lock leaves it empty)."""
+def read_holder(run: str | Location) -> Holder | None:
+    """The holder recorded in the lock file (a released lock leaves it empty), or in the lease
+    object of a run at a URL (a released lease is deleted)."""
     try:
-        with open(os.path.join(run, LOCK_FILE), "rb") as handle:
-            record = json.loads(handle.read(4096) or b"null")
-    except (OSError, ValueError):
+        if isinstance(run, Location):
+            lease = run.join(LOCK_FILE)
+            size = run.storage.size(lease.path)
+            record = json.loads(run.storage.read_bytes(lease.path, 0, min(size, 4096)) or b"null")
+        else:
+            with open(os.path.join(run, LOCK_FILE), "rb") as handle:
+                record = json.loads(handle.read(4096) or b"null")
+    except (OSError, EOFError, ValueError):
         return None
     if not isinstance(record, dict):
         return None
@@ -418,7 +426,7 @@ def _number_or_none(value: Any) -> float | None:
     return float(value) if type(value) in (int, float) else None
 
 
-def live_holder(run: str) -> Holder | None:
+def live_holder(run: str | Location) -> Holder | None:
     """Who writes the run now, judged from the holder record alone (takes no lock)."""
     holder = read_holder(run)
     return holder if holder is not None and holder.live() else None

@@ -19,6 +19,7 @@ from statevault.errors import CheckpointError, CheckpointNotFoundError
 from statevault.format import tree
 from statevault.format.checksum import crc32c_of, format_checksum
 from statevault.manager.naming import ANNOTATIONS_FILE, is_temporary_name, parse_step
+from statevault.storage.location import Location
 
 
 @dataclass
@@ -48,8 +49,15 @@ class RunScan:
         )
 
 
-def scan_run(directory: str) -> RunScan:
-    """Read every checkpoint directory of a run (manifests only, no payload)."""
+def scan_run(directory: str | Location) -> RunScan:
+    """Read every checkpoint directory of a run (manifests only, no payload).
+
+    ``directory``: a local path, or a :class:`Location` (any store: an object-store run lists
+    its ``step_*`` prefixes; there a prefix without a manifest is *incomplete*)."""
+    if isinstance(directory, Location):
+        if not directory.local:
+            return _scan_remote(directory)
+        directory = directory.path
     records: dict[int, CheckpointRecord] = {}
     temporaries: list[str] = []
     set_aside: list[str] = []
@@ -65,13 +73,28 @@ def scan_run(directory: str) -> RunScan:
     return RunScan(records, temporaries, set_aside)
 
 
-def read_record(path: str, step: int) -> CheckpointRecord:
-    if not os.path.lexists(os.path.join(path, "manifest.json")):
+def _scan_remote(run: Location) -> RunScan:
+    records: dict[int, CheckpointRecord] = {}
+    temporaries: list[str] = []
+    for name in run.storage.list_dir(run.path):
+        step = parse_step(name)
+        if step is not None:
+            records[step] = read_record(run.join(name), step)
+        elif is_temporary_name(name):
+            temporaries.append(name)
+    return RunScan(records, temporaries)
+
+
+def read_record(where: str | Location, step: int) -> CheckpointRecord:
+    if isinstance(where, Location) and where.local:
+        where = where.path
+    path = where.url if isinstance(where, Location) else where
+    if isinstance(where, str) and not os.path.lexists(os.path.join(path, "manifest.json")):
         return CheckpointRecord(step, path, "incomplete", "no manifest.json")
     try:
-        manifest = open_checkpoint(path).manifest
-    except CheckpointNotFoundError:  # deleted between the listing and now
-        return CheckpointRecord(step, path, "incomplete", "deleted while scanning")
+        manifest = open_checkpoint(where).manifest
+    except CheckpointNotFoundError:  # no manifest, or deleted between the listing and now
+        return CheckpointRecord(step, path, "incomplete", "no manifest.json")
     except CheckpointError as exc:
         return CheckpointRecord(step, path, "corrupt", str(exc))
     info = manifest.info
@@ -92,7 +115,7 @@ def read_record(path: str, step: int) -> CheckpointRecord:
         return CheckpointRecord(step, path, "corrupt", str(exc))
     if info.get("step") != step:
         return CheckpointRecord(step, path, "corrupt", f"manifest says step {info.get('step')}")
-    record.metrics.update(read_annotations(path))
+    record.metrics.update(read_annotations(where))
     return record
 
 
@@ -104,19 +127,40 @@ def _no_tensors(index: int) -> None:
     raise CheckpointError("metadata cannot hold tensors")
 
 
-def read_annotations(path: str) -> dict[str, Any]:
+def read_annotations(where: str | Location) -> dict[str, Any]:
     """Metrics attached after the save (``annotate``); a damaged file is ignored, not trusted."""
     try:
-        with open(os.path.join(path, ANNOTATIONS_FILE), "rb") as handle:
-            document = json.loads(handle.read(1 << 20))
+        data = read_small(where, ANNOTATIONS_FILE)
+        if data is None:
+            return {}
+        document = json.loads(data)
         body = document["body"]
         expected = format_checksum(crc32c_of(_canonical(body)))
         if document.get("checksum") != expected:
             return {}
-        metrics = tree.decode(body["metrics"], _no_tensors, path)
-    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        where_text = where.url if isinstance(where, Location) else where
+        metrics = tree.decode(body["metrics"], _no_tensors, where_text)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, CheckpointError):
         return {}
     return dict(metrics) if isinstance(metrics, dict) else {}
+
+
+def read_small(where: str | Location, name: str, limit: int = 1 << 20) -> bytes | None:
+    """The bytes of a small file ``name`` under a directory or prefix; None when absent."""
+    if isinstance(where, Location) and where.local:
+        where = where.path
+    if isinstance(where, str):
+        try:
+            with open(os.path.join(where, name), "rb") as handle:
+                return handle.read(limit)
+        except FileNotFoundError:
+            return None
+    target = where.join(name)
+    try:
+        size = where.storage.size(target.path)
+        return where.storage.read_bytes(target.path, 0, min(size, limit))
+    except FileNotFoundError:
+        return None
 
 
 def annotations_bytes(metrics: dict[str, Any]) -> bytes:

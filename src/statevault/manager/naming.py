@@ -1,9 +1,11 @@
 """Names inside a run directory.
 
 <run>/run.json                       run metadata and lineage (manager/run.py)
-<run>/.statevault.lock               the writer lock (manager/lock.py)
+<run>/.statevault.lock               the writer lock (manager/lock.py); on an object store the
+                                     lease object (manager/lease.py)
 <run>/step_000001000/                a committed checkpoint (manifest.json inside)
-<run>/step_000001000.tmp-<id>/       a save in flight, or the leftover of a dead one
+<run>/step_000001000.tmp-<id>/       a save in flight, or the leftover of a dead one (local; on
+                                     an object store a save writes under step_N/, manifest last)
 <run>/step_000001000.corrupt-<id>/   a corrupt checkpoint moved aside, kept for inspection
 """
 

@@ -20,6 +20,7 @@ from statevault.format import tree
 from statevault.manager.naming import RUN_FILE
 from statevault.runinfo import framework_versions
 from statevault.storage.local import fsync_dir
+from statevault.storage.location import Location
 
 
 def now_iso() -> str:
@@ -46,17 +47,31 @@ def git_state(cwd: str | None = None) -> dict[str, Any] | None:
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
-def read_run(directory: str) -> dict[str, Any] | None:
+def read_run(directory: str | Location) -> dict[str, Any] | None:
     try:
-        with open(os.path.join(directory, RUN_FILE), "rb") as handle:
-            record = json.loads(handle.read(16 << 20))
-    except (OSError, ValueError):
+        if isinstance(directory, Location) and not directory.local:
+            target = directory.join(RUN_FILE)
+            size = directory.storage.size(target.path)
+            data = directory.storage.read_bytes(target.path, 0, min(size, 16 << 20))
+        else:
+            path = directory.path if isinstance(directory, Location) else directory
+            with open(os.path.join(path, RUN_FILE), "rb") as handle:
+                data = handle.read(16 << 20)
+        record = json.loads(data)
+    except (OSError, EOFError, ValueError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("run_id"), str) else None
 
 
-def write_run(directory: str, record: dict[str, Any]) -> None:
-    """Replace run.json atomically (write aside, fsync, rename, fsync the directory)."""
+def write_run(directory: str | Location, record: dict[str, Any]) -> None:
+    """Replace run.json atomically (write aside, fsync, rename, fsync the directory; on an
+    object store one PUT, which is atomic)."""
+    if isinstance(directory, Location):
+        if not directory.local:
+            data = json.dumps(record, indent=1, allow_nan=False).encode()
+            directory.storage.write_bytes(directory.join(RUN_FILE).path, data)
+            return
+        directory = directory.path
     path = os.path.join(directory, RUN_FILE)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as handle:
@@ -67,10 +82,11 @@ def write_run(directory: str, record: dict[str, Any]) -> None:
     fsync_dir(directory)
 
 
-def new_run(directory: str, name: str | None, config: Any) -> dict[str, Any]:
+def new_run(directory: str | Location, name: str | None, config: Any) -> dict[str, Any]:
+    default = directory.name if isinstance(directory, Location) else None
     return {
         "run_id": uuid.uuid4().hex,
-        "name": name or os.path.basename(os.path.abspath(directory)),
+        "name": name or default or os.path.basename(os.path.abspath(str(directory))),
         "created": now_iso(),
         "config": tree.encode(config, _reject_arrays, "run_metadata"),
         "sessions": [],

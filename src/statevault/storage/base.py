@@ -70,3 +70,16 @@ class Storage(Protocol):
     def remove_file(self, path: str) -> None: ...
 
     def remove_tree(self, path: str) -> None: ...
+
+    # Small whole objects (run.json, annotations, the run lease) and ages, for the manager.
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Replace ``path`` with ``data`` all at once: readers see the old or the new bytes."""
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` only if nothing is there: True if created, False if
+        something was. NotImplementedError where the store has no conditional create."""
+
+    def modified(self, path: str) -> float | None:
+        """When ``path`` (a file, or the newest file under a directory / prefix) was last
+        written, as a POSIX timestamp; None when nothing is there."""

@@ -3,15 +3,25 @@
 Objects are written through fsspec's buffered files: s3fs and its peers stream a large file as a
 multipart upload of ``PART_BYTES`` parts, so memory stays bounded by a part per file being
 written, never a whole shard. Reads are ranged (``cat_file(path, start, end)``): a load fetches
-the byte ranges it needs, not whole objects. Transient network errors are retried by the
-filesystem's client (botocore for S3); errors that retrying cannot fix (no bucket, access
-denied) are raised at once as :class:`StorageError` naming the URL.
+the byte ranges it needs, not whole objects.
+
+Errors, two kinds. Transient ones (a dropped connection, a timeout, a throttling reply) are
+retried by the filesystem's client (botocore and s3fs for S3, each request several times with
+backoff); idempotent whole-object operations (listing, sizing, reading, small puts, deletes)
+are retried once more here, with exponential backoff (:func:`retrying`). Errors that retrying
+cannot fix (no bucket, access denied, a quota exceeded) are raised at once as
+:class:`StorageError` naming the URL. A streamed upload is never retried piecemeal here: a
+failed part aborts the multipart upload, and the caller retries the whole file (replication
+does) or the save fails with nothing committed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import posixpath
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -19,6 +29,9 @@ from statevault.errors import StorageError
 from statevault.format.names import MANIFEST_NAME
 
 PART_BYTES = 16 << 20
+RETRY_ATTEMPTS = 4
+RETRY_BASE_DELAY_S = 0.2
+_FATAL_MARKERS = ("QuotaExceeded", "StorageFull", "InsufficientStorage", "AccountProblem")
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
 
 
@@ -89,9 +102,20 @@ class FsspecStorage:
                 "storage_options or the environment"
             ) from exc
         except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
             if "NoSuchBucket" in repr(exc) or "bucket does not exist" in str(exc).lower():
                 raise StorageError(f"{self.url(path)}: the bucket does not exist") from exc
+            if any(marker in repr(exc) for marker in _FATAL_MARKERS):
+                raise StorageError(
+                    f"{self.url(path)}: the store refused the write for good ({exc}); free "
+                    "space or raise the quota"
+                ) from exc
             raise
+
+    def call_retrying(self, path: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`call` for idempotent operations, retried on transient errors with backoff."""
+        return retrying(lambda: self.call(path, function, *args, **kwargs))
 
     def _fresh(self, path: str) -> None:
         """Forget cached listings: another process (a dead save, a retention) may have changed
@@ -101,7 +125,7 @@ class FsspecStorage:
 
     def exists(self, path: str) -> bool:
         self._fresh(path)
-        return bool(self.call(path, self.fs.exists, path))
+        return bool(self.call_retrying(path, self.fs.exists, path))
 
     def is_dir(self, path: str) -> bool:
         self._fresh(path)
@@ -109,20 +133,22 @@ class FsspecStorage:
 
     def list_dir(self, path: str) -> list[str]:
         try:
-            entries = self.call(path, self.fs.ls, path, detail=False, refresh=True)
+            entries = self.call_retrying(path, self.fs.ls, path, detail=False, refresh=True)
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
 
     def size(self, path: str) -> int:
         self._fresh(path)
-        return int(self.call(path, self.fs.size, path))
+        return int(self.call_retrying(path, self.fs.size, path))
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
         view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
         if not len(view):
             return
-        data = self.call(path, self.fs.cat_file, path, start=offset, end=offset + len(view))
+        data = self.call_retrying(
+            path, self.fs.cat_file, path, start=offset, end=offset + len(view)
+        )
         if len(data) != len(view):
             raise EOFError(f"{self.url(path)} ended at byte {offset + len(data)}")
         view[:] = data
@@ -142,7 +168,7 @@ class FsspecStorage:
 
     def remove_file(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.call(path, self.fs.rm_file, path)
+            self.call_retrying(path, self.fs.rm_file, path)
 
     def remove_tree(self, path: str) -> None:
         """Delete a checkpoint prefix, its manifest first so it never looks committed."""
@@ -150,3 +176,103 @@ class FsspecStorage:
         with contextlib.suppress(FileNotFoundError):
             self.call(path, self.fs.rm, path, recursive=True)
         self.fs.invalidate_cache(path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """One PUT (an object store publishes it whole or not at all)."""
+        self.call_retrying(path, self.fs.pipe_file, path, data)
+        self._fresh(path)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """A conditional create (S3 ``If-None-Match: *``, memory://); NotImplementedError where
+        the filesystem has none. A store that ignores the condition is caught by the caller's
+        read-back (see manager/lease.py)."""
+        try:
+            self.call(path, self.fs.pipe_file, path, data, mode="create")
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError, ValueError) as exc:
+            raise NotImplementedError(f"{self.url(path)}: no conditional create ({exc})") from exc
+        finally:
+            self._fresh(path)
+        return True
+
+    def modified(self, path: str) -> float | None:
+        self._fresh(path)
+        try:
+            found = self.call_retrying(path, self.fs.find, path, detail=True, withdirs=False)
+        except FileNotFoundError:
+            return None
+        times = [t for t in (_timestamp(info) for info in found.values()) if t is not None]
+        if not times and found:
+            return 0.0  # exists, but the store keeps no times: old enough for anything
+        return max(times) if times else None
+
+    def abort_stale_uploads(self, path: str, older_than_s: float) -> int:
+        """Abort multipart uploads under ``path`` begun more than ``older_than_s`` ago (those
+        of a killed writer: invisible to listings, billed until aborted). S3 only; returns how
+        many were aborted."""
+        call_s3 = getattr(self.fs, "call_s3", None)
+        if call_s3 is None:
+            return 0
+        bucket, _, key = path.partition("/")
+        prefix = key.rstrip("/") + "/"
+        listing = self.call_retrying(
+            path, call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix
+        )
+        aborted = 0
+        cutoff = time.time() - older_than_s
+        for upload in listing.get("Uploads", []):
+            started = upload.get("Initiated")
+            if isinstance(started, datetime.datetime) and started.timestamp() > cutoff:
+                continue
+            self.call_retrying(
+                path,
+                call_s3,
+                "abort_multipart_upload",
+                Bucket=bucket,
+                Key=upload["Key"],
+                UploadId=upload["UploadId"],
+            )
+            aborted += 1
+        return aborted
+
+
+def _timestamp(info: dict[str, Any]) -> float | None:
+    for key in ("LastModified", "mtime", "created", "last_modified", "updated"):
+        value = info.get(key)
+        if isinstance(value, datetime.datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying may help: network and server hiccups, not a refusal or a missing key."""
+    if isinstance(exc, (StorageError, FileNotFoundError, FileExistsError, PermissionError)):
+        return False
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError))
+
+
+def retrying(
+    function: Callable[[], Any],
+    attempts: int = RETRY_ATTEMPTS,
+    base_delay_s: float = RETRY_BASE_DELAY_S,
+) -> Any:
+    """``function()``, retried on transient errors with exponential backoff (0.2, 0.4, 0.8 s).
+
+    Example::
+
+        data = retrying(lambda: fs.cat_file(path))
+    """
+    for attempt in range(attempts):
+        try:
+            return function()
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            time.sleep(base_delay_s * (2**attempt))
+    raise AssertionError("unreachable")

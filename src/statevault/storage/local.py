@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import uuid
 from types import TracebackType
 
 from statevault.format.names import MANIFEST_NAME
@@ -112,6 +113,36 @@ class LocalStorage:
             os.unlink(os.path.join(path, MANIFEST_NAME))
         fsync_dir(path)
         shutil.rmtree(path, ignore_errors=False)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write aside, fsync, rename over ``path``, fsync the directory: all or nothing."""
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with LocalWriteHandle(tmp) as handle:
+            handle.write(memoryview(data))
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or ".")
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        try:
+            handle = LocalWriteHandle(path)
+        except FileExistsError:
+            return False
+        with handle:
+            handle.write(memoryview(data))
+        fsync_dir(os.path.dirname(path) or ".")
+        return True
+
+    def modified(self, path: str) -> float | None:
+        try:
+            newest = os.lstat(path).st_mtime
+        except FileNotFoundError:
+            return None
+        if self.is_dir(path):
+            for root, _, files in os.walk(path):
+                for name in files:
+                    with contextlib.suppress(FileNotFoundError):
+                        newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+        return newest
 
 
 def _open_read(path: str) -> int:

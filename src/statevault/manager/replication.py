@@ -1,0 +1,218 @@
+"""Two tiers: committed checkpoints of the fast local tier copied to a durable replica.
+
+The replication protocol, for one committed local checkpoint ``<local>/step_N``:
+
+1. verify it (every checksum; a damaged local checkpoint is never replicated: the failure is
+   raised to the trainer);
+2. if ``<replica>/step_N/manifest.json`` exists, it is already there: done. Objects under that
+   prefix without a manifest are the remains of a dead replication (or of a dead save): they
+   are deleted, unless one is not a statevault file, which is refused;
+3. copy every shard file in ``part_bytes`` pieces (a streamed multipart upload; memory holds a
+   piece or two, never a file). A transient failure aborts that upload and retries the file
+   with backoff (:func:`statevault.storage.fsspec_storage.retrying`); a permanent one (access
+   denied, no bucket, quota) fails at once. Each copied object's size is checked against the
+   manifest; the bytes are protected in transit by the S3 client's per-request checksums;
+4. ``annotations.json`` if any, then the manifest, byte for byte, last: the object-store commit.
+
+A replication failure leaves no committed replica (no manifest) and is raised on the
+manager's next ``save``, ``wait`` or ``close``. The thread runs no collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from statevault.checkpoint import open_checkpoint, verify
+from statevault.errors import CheckpointExistsError, CorruptCheckpointError, StorageError
+from statevault.format.names import MANIFEST_NAME, is_shard_name
+from statevault.manager.index import CheckpointRecord, RunScan, read_record, scan_run
+from statevault.manager.naming import ANNOTATIONS_FILE, step_dir_name
+from statevault.manager.retention import RetentionPolicy, decide
+from statevault.storage.fsspec_storage import PART_BYTES, retrying
+from statevault.storage.local import open_read, read_into_fd
+from statevault.storage.location import Location
+
+logger = logging.getLogger("statevault")
+
+
+def copy_checkpoint(source: str, target: Location, part_bytes: int = PART_BYTES) -> bool:
+    """Replicate the committed local checkpoint ``source`` to ``target`` (protocol above).
+
+    Returns False when ``target`` already held it. Example::
+
+        copy_checkpoint("/scratch/run/step_000001000", resolve("s3://b/run/step_000001000"))
+    """
+    checkpoint = open_checkpoint(source)
+    report = verify(source)
+    if not report.ok:
+        raise CorruptCheckpointError(
+            f"{source} is damaged; not replicating it: {report.problems[0]}", report.problems
+        )
+    storage = target.storage
+    if storage.exists(target.join(MANIFEST_NAME).path):
+        return False
+    names = {entry.name for entry in checkpoint.manifest.files}
+    leftovers = storage.list_dir(target.path)
+    foreign = [n for n in leftovers if n not in names and n != ANNOTATIONS_FILE]
+    foreign = [n for n in foreign if not is_shard_name(n)]
+    if foreign:
+        raise CheckpointExistsError(
+            f"{target.url} holds objects that are not a statevault checkpoint "
+            f"({', '.join(foreign[:3])}); refusing to replicate over them"
+        )
+    for name in leftovers:
+        storage.remove_file(target.join(name).path)
+    storage.make_dir(target.path)
+    for entry in checkpoint.manifest.files:
+        retrying(
+            lambda e=entry: _copy_file(  # type: ignore[misc]
+                os.path.join(source, e.name), target.join(e.name), e.size, part_bytes
+            )
+        )
+    annotations = os.path.join(source, ANNOTATIONS_FILE)
+    if os.path.isfile(annotations):
+        with open(annotations, "rb") as handle:
+            data = handle.read(1 << 20)
+        storage.write_bytes(target.join(ANNOTATIONS_FILE).path, data)
+    with open(os.path.join(source, MANIFEST_NAME), "rb") as handle:
+        manifest = handle.read()
+    storage.write_bytes(target.join(MANIFEST_NAME).path, manifest)  # the commit
+    return True
+
+
+def _copy_file(source: str, target: Location, size: int, part_bytes: int) -> None:
+    """Stream one file in ``part_bytes`` pieces; check the object's size afterwards."""
+    buffer = bytearray(min(part_bytes, max(size, 1)))
+    fd = open_read(source)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise CorruptCheckpointError(f"{source}: size differs from its manifest")
+        with target.storage.open_write(target.path) as handle:
+            offset = 0
+            while offset < size:
+                count = min(len(buffer), size - offset)
+                view = memoryview(buffer)[:count]
+                read_into_fd(fd, offset, view)
+                handle.write(view)
+                offset += count
+    finally:
+        os.close(fd)
+    copied = target.storage.size(target.path)
+    if copied != size:
+        raise StorageError(f"{target.url}: {copied} bytes arrived of {size}")
+
+
+class Replicator:
+    """Copies committed checkpoints to the replica tier in one background thread, and applies
+    the replica's own retention after each copy (see the module docstring)."""
+
+    def __init__(
+        self,
+        replica: Location,
+        retention: list[RetentionPolicy],
+        run_id: str,
+        part_bytes: int = PART_BYTES,
+    ) -> None:
+        self.replica = replica
+        self.retention = retention
+        self.run_id = run_id
+        self.part_bytes = part_bytes
+        self.scan: RunScan = scan_run(replica)
+        self._lock = threading.Lock()
+        self._busy: set[int] = set()
+        self._futures: list[Future[None]] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, step: int, source: str) -> None:
+        """Replicate ``source`` (the committed local checkpoint of ``step``) in the background."""
+        self.raise_failures()
+        with self._lock:
+            self._busy.add(step)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="statevault-replicate")
+        self._futures.append(self._pool.submit(self._replicate, step, source))
+
+    def busy_steps(self) -> set[int]:
+        """Steps queued or being copied: the local tier must keep them meanwhile."""
+        with self._lock:
+            return set(self._busy)
+
+    def committed(self) -> list[CheckpointRecord]:
+        with self._lock:
+            return self.scan.committed()
+
+    def records(self) -> dict[int, CheckpointRecord]:
+        with self._lock:
+            return dict(self.scan.records)
+
+    def forget(self, step: int, record: CheckpointRecord) -> None:
+        with self._lock:
+            self.scan.records[step] = record
+
+    def raise_failures(self) -> None:
+        """Raise the error of a finished replication that failed (each error once)."""
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for future in done:
+            future.result()
+
+    def wait(self) -> None:
+        """Block until every queued replication is committed; raise the first failure."""
+        futures, self._futures = self._futures, []
+        errors: list[BaseException] = []
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _replicate(self, step: int, source: str) -> None:
+        started = time.perf_counter()
+        target = self.replica.join(step_dir_name(step))
+        try:
+            copied = copy_checkpoint(source, target, self.part_bytes)
+            record = read_record(target, step)
+            with self._lock:
+                self.scan.records[step] = record
+            if copied:
+                logger.info(
+                    "statevault: replicated %s to %s in %.2f s",
+                    source,
+                    target.url,
+                    time.perf_counter() - started,
+                )
+            self._apply_retention()
+        except BaseException as exc:
+            logger.error("statevault: replication of %s failed: %r", source, exc)
+            raise
+        finally:
+            with self._lock:
+                self._busy.discard(step)
+
+    def _apply_retention(self) -> None:
+        with self._lock:
+            records = list(self.scan.records.values())
+        own = [r for r in records if r.run_id == self.run_id]
+        committed = sorted(r.step for r in own if r.status == "committed")
+        protected: dict[int, str] = {committed[-1]: "newest"} if committed else {}
+        _, deletable = decide(own, self.retention, protected)
+        for step in deletable:
+            path = self.replica.join(step_dir_name(step))
+            logger.info("statevault: replica retention deletes %s", path.url)
+            self.replica.storage.remove_tree(path.path)
+            with self._lock:
+                self.scan.records.pop(step, None)
