@@ -23,7 +23,7 @@ import statevault as sv
 import statevault.adapters.numpy_adapter  # loaded here, so a guarded load imports nothing
 import statevault.adapters.torch_adapter
 from statevault.format.checksum import crc32c_of, format_checksum
-from statevault.format.manifest import FORMAT_VERSION, TensorEntry, parse_manifest
+from statevault.format.manifest import TensorEntry, parse_manifest
 from statevault.format.names import MANIFEST_NAME
 
 
@@ -99,7 +99,7 @@ def bit_flipped(path: Path, offset: int, bit: int) -> Iterator[None]:
         flip_bit(path, offset, bit)
 
 
-def wrap_body(body: bytes, version: int | str = FORMAT_VERSION) -> bytes:
+def wrap_body(body: bytes, version: int | str = 1) -> bytes:
     """A manifest.json envelope around ``body`` with a *valid* checksum of exactly those bytes."""
     head = (
         f'{{"format":"statevault","format_version":{version},'
@@ -114,8 +114,11 @@ def read_body(ck: Path) -> dict[str, Any]:
     return body
 
 
-def write_body(ck: Path, body: Any, version: int | str = FORMAT_VERSION) -> None:
-    """Replace the manifest body, re-checksummed so that only validation can object."""
+def write_body(ck: Path, body: Any, version: int | str | None = None) -> None:
+    """Replace the manifest body, re-checksummed so that only validation can object. The
+    version defaults to the one the body needs (2 with ``ranks``, else 1)."""
+    if version is None:
+        version = 2 if isinstance(body, dict) and "ranks" in body else 1
     data = json.dumps(body, ensure_ascii=True, indent=1).encode("ascii")
     manifest_path(ck).write_bytes(wrap_body(data, version))
 

@@ -193,7 +193,12 @@ def test_tree_tag_examples_decode(format_md: str) -> None:
         for example in examples:
             node = json.loads(example)
             assert node["$"] == tag
-            tree.decode(node, lambda index: f"tensor {index}", "FORMAT.md")
+            tree.decode(
+                node,
+                lambda index: f"tensor {index}",
+                "FORMAT.md",
+                resolve_sharded=lambda index: f"sharded {index}",
+            )
 
 
 # -- README ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from statevault.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    DistributedSaveError,
     RunLockedError,
     StateMismatchError,
     StorageError,
@@ -29,6 +30,7 @@ from statevault.manager import (
     Restored,
     RetentionPolicy,
 )
+from statevault.per_rank import PerRank
 from statevault.restore import LoadedState
 from statevault.rng import RNGState
 from statevault.stateful import Stateful
@@ -39,10 +41,12 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "DistributedSaveError",
     "KeepBest",
     "KeepEveryNSteps",
     "KeepLatest",
     "LoadedState",
+    "PerRank",
     "RNGState",
     "Restored",
     "RetentionPolicy",

@@ -15,6 +15,8 @@ from typing import Any
 
 from statevault import commit
 from statevault.adapters import adapter_named, known_frameworks
+from statevault.distributed.group import rank_and_world, rank_picker
+from statevault.distributed.saver import new_saver
 from statevault.engine.reader import CheckpointReader
 from statevault.errors import (
     CheckpointError,
@@ -25,8 +27,8 @@ from statevault.format import dtypes
 from statevault.format import tree as tree_codec
 from statevault.format.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, parse_manifest
 from statevault.format.names import MANIFEST_NAME
+from statevault.loading import read_tensors
 from statevault.restore import LoadedState, restore_into
-from statevault.saver import Saver
 from statevault.storage.local import open_read, read_into_fd
 from statevault.storage.location import Location, local_directory, resolve
 
@@ -61,7 +63,7 @@ def save_checkpoint(
     extra_info: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """:func:`save` for callers that add manifest info (the manager: run id, step, metrics)."""
-    saver = Saver(asynchronous=False)
+    saver = new_saver(asynchronous=False)
     future = saver.save(
         state, directory, metadata=metadata, overwrite=overwrite, extra_info=extra_info
     )
@@ -165,24 +167,37 @@ def load(
         weights = sv.load("ckpt/epoch10", only="model")
     """
     checkpoint = open_checkpoint(path, storage_options)
+    pick_rank = rank_picker(checkpoint.directory)
     node = checkpoint.manifest.tree
     if only is not None:
         try:
-            node = tree_codec.subtree(node, only, checkpoint.directory)
+            node = tree_codec.subtree(node, only, checkpoint.directory, rank_and_world()[0])
         except KeyError as exc:
             raise CheckpointError(str(exc.args[0])) from None
-    needed = sorted(tree_codec.tensor_ids(node)) if only is not None else None
-    arrays = _read_arrays(checkpoint, verify, device, needed)
-    loaded = _decode(checkpoint, arrays, node)
+    tensors = read_tensors(
+        checkpoint,
+        node,
+        into,
+        device,
+        verify,
+        pick_rank,
+        lambda ids: _read_arrays(checkpoint, verify, device, ids, all_files=only is None),
+    )
+    loaded = _decode(checkpoint, tensors.plain, node, tensors.sharded, pick_rank)
     if into is None:
         return LoadedState(loaded) if type(loaded) is dict else loaded
     return restore_into(into, loaded, strict=strict)
 
 
 def _read_arrays(
-    checkpoint: OpenCheckpoint, verify: bool, device: str | None, ids: list[int] | None = None
+    checkpoint: OpenCheckpoint,
+    verify: bool,
+    device: str | None,
+    ids: list[int] | None = None,
+    all_files: bool = False,
 ) -> dict[int, Any]:
-    """The arrays ``ids`` (default: all), verified; a partial load checks only their files."""
+    """The arrays ``ids`` (default: all), verified; a partial load checks only their files
+    unless ``all_files`` (a whole load checks every file it may touch)."""
     reader = checkpoint.reader
     where = checkpoint.directory
     entries = checkpoint.manifest.tensors
@@ -191,7 +206,7 @@ def _read_arrays(
     problems = [
         p
         for p in reader.file_problems(check_headers=verify)
-        if ids is None or any(f"file {name}:" in p for name in files)
+        if ids is None or all_files or any(f"file {name}:" in p for name in files)
     ]
     if problems:
         raise CorruptCheckpointError(f"{where} is damaged: {problems[0]}", problems)
@@ -237,16 +252,35 @@ def _allocator(where: str) -> Any:
     return allocate
 
 
-def _decode(checkpoint: OpenCheckpoint, arrays: Mapping[int, Any], node: Any = _WHOLE_TREE) -> Any:
-    """Decode ``node`` (default: the whole tree), its tensors taken from ``arrays``."""
+def _decode(
+    checkpoint: OpenCheckpoint,
+    arrays: Mapping[int, Any],
+    node: Any = _WHOLE_TREE,
+    sharded: Mapping[int, Any] | None = None,
+    pick_rank: Any = None,
+) -> Any:
+    """Decode ``node`` (default: the whole tree), its tensors taken from ``arrays`` and
+    ``sharded``; ``pick_rank`` chooses per-rank branches (default: check all, give rank 0's)."""
 
-    def resolve(index: int) -> Any:
-        if index not in arrays:
-            raise CorruptCheckpointError(f"{checkpoint.directory}: tree refers to tensor {index}")
-        return arrays[index]
+    def resolver(values: Mapping[int, Any], kind: str) -> Any:
+        def resolve(index: int) -> Any:
+            if index not in values:
+                raise CorruptCheckpointError(
+                    f"{checkpoint.directory}: tree refers to {kind} {index}"
+                )
+            return values[index]
+
+        return resolve
 
     tree = checkpoint.manifest.tree if node is _WHOLE_TREE else node
-    return tree_codec.decode(tree, resolve, checkpoint.directory)
+    return tree_codec.decode(
+        tree,
+        resolver(arrays, "tensor"),
+        checkpoint.directory,
+        resolve_sharded=resolver(sharded if sharded is not None else {}, "sharded tensor"),
+        pick_rank=pick_rank,
+        ranks=checkpoint.manifest.ranks,
+    )
 
 
 @dataclass
@@ -299,8 +333,9 @@ def _scratch(entry: TensorEntry) -> tuple[object, memoryview]:
 
 def _tree_problems(checkpoint: OpenCheckpoint) -> list[str]:
     count = len(checkpoint.manifest.tensors)
+    stand_ins = {i: object() for i in range(len(checkpoint.manifest.sharded))}
     try:
-        _decode(checkpoint, {i: object() for i in range(count)})  # stand-ins: not numbers
+        _decode(checkpoint, {i: object() for i in range(count)}, _WHOLE_TREE, stand_ins)
         tree_codec.decode(
             checkpoint.manifest.metadata, _no_tensor_in_metadata, checkpoint.directory
         )

@@ -12,8 +12,10 @@ type and know nothing else escaped::
     ├── StateMismatchError              the checkpoint does not fit the objects given as ``into``
     ├── UnsupportedValueError           a value in the state that the format cannot represent
     ├── RunLockedError                  another live CheckpointManager writes this run
-    └── StorageError                    the storage refused in a way no retry fixes (no bucket,
-                                        access denied); names the URL
+    ├── StorageError                    the storage refused in a way no retry fixes (no bucket,
+    │                                   access denied); names the URL
+    └── DistributedSaveError            a save of a distributed job failed on some rank (or a
+                                        rank died): nothing was committed; names the ranks
 
 Messages say what failed, where (key path, file) and, where there is one, how to fix it.
 """
@@ -27,6 +29,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "DistributedSaveError",
     "RunLockedError",
     "StateMismatchError",
     "StorageError",
@@ -103,3 +106,12 @@ class RunLockedError(CheckpointError):
 
 class StorageError(CheckpointError, OSError):
     """The storage refused an operation that retrying cannot fix; names the URL and the fix."""
+
+
+class DistributedSaveError(CheckpointError):
+    """A distributed save did not commit: a rank failed, disagreed or died. Raised on every
+    surviving rank; ``ranks`` lists the ranks that reported a failure (empty when one vanished)."""
+
+    def __init__(self, message: str, ranks: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.ranks = list(ranks)

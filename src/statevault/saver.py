@@ -64,13 +64,14 @@ class _Job:
     timings: dict[str, float] = field(default_factory=dict)
     file_rows: list[FileEntry] = field(default_factory=list)
     tensor_rows: dict[int, TensorEntry] = field(default_factory=dict)
+    rank: int = 0  # the process writing these shards (their names carry it)
 
     def write(self, file_indices: Sequence[int], staged: Mapping[int, memoryview]) -> None:
         """Write the shard files ``file_indices`` from staged leaf bytes."""
         plan = self.plan
         batch = [
             (
-                shard_name(i, tag=self.committer.shard_tag()),
+                shard_name(i, self.rank, tag=self.committer.shard_tag()),
                 [
                     PendingTensor(
                         plan.leaves[j].path,
@@ -104,6 +105,10 @@ class _Job:
         manifest = Manifest(order, tensors, self.plan.tree, self.plan.metadata)
         mode = "async" if self.asynchronous else "sync"
         manifest.info = checkpoint_info(self.plan, self.timings, self.extra_info, started, mode)
+        return self.commit(manifest)
+
+    def commit(self, manifest: Manifest) -> Manifest:
+        """Write the manifest, then publish it (the rename, or nothing more on object stores)."""
         self.committer.before_manifest(self.target, self.overwrite)
         manifest_path = self.written.join(MANIFEST_NAME).path
         with self.written.storage.open_write(manifest_path) as handle:
@@ -138,6 +143,7 @@ class Saver:
         self.arena = StagingArena(self.budget)
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: SaveFuture | None = None
+        self._delegate: Saver | None = None  # for sharded states (DTensors) in one process
 
     def prepare(self, state: Any, reserve_optimizer_moments: bool = False) -> None:
         """Get staging memory ready for ``state`` in the background, off the training path.
@@ -169,6 +175,10 @@ class Saver:
         committer = committer_for(target)
         committer.check_target(target, overwrite)
         plan = plan_save(state, metadata)
+        if any(leaf.shard is not None for leaf in plan.leaves):  # DTensors, in one process
+            return self._sharded_saver().save(
+                state, directory, metadata=metadata, overwrite=overwrite, extra_info=extra_info
+            )
         timings = {"prepare_s": time.perf_counter() - started}
         sizes = [leaf.spec.nbytes for leaf in plan.leaves]
         files = _aligned(
@@ -244,8 +254,23 @@ class Saver:
         )
         return manifest
 
+    def _sharded_saver(self) -> Saver:
+        """The saver of sharded states (distributed/saver.py), here for a job of one process."""
+        if self._delegate is None:
+            from statevault.distributed.coordinator import SoloGroup
+            from statevault.distributed.saver import DistributedSaver
+
+            self._delegate = DistributedSaver(
+                asynchronous=self.asynchronous, staging_budget_bytes=self.budget, group=SoloGroup()
+            )
+        return self._delegate
+
     def wait(self) -> Manifest | None:
         """Block until the save in flight is durable; raise its error if it failed."""
+        if self._delegate is not None:
+            delegated = self._delegate.wait()
+            if delegated is not None:
+                return delegated
         future, self._in_flight = self._in_flight, None
         return future.result() if future is not None else None
 
@@ -253,6 +278,8 @@ class Saver:
         try:
             self.wait()
         finally:
+            if self._delegate is not None:
+                self._delegate.close()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
@@ -299,4 +326,10 @@ def unborn_moment_bytes(state: Mapping[str, Any]) -> int:
 
 def _array_bytes(value: Any) -> int:
     adapter = adapter_for(value)
-    return adapter.describe(value, "").nbytes if adapter is not None else 0
+    if adapter is None:
+        return 0
+    local_shard = getattr(adapter, "local_shard", None)
+    sharded = local_shard(value, "") if local_shard is not None else None
+    if sharded is not None:  # a DTensor: this rank stages only its piece
+        value = sharded[0]
+    return adapter.describe(value, "").nbytes

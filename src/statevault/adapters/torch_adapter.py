@@ -43,6 +43,14 @@ class TorchAdapter:
             attrs["requires_grad"] = True
         return ArraySpec(name, shape, math.prod(shape) * dtypes.lookup(name).itemsize, attrs)
 
+    def local_shard(self, obj: Any, path: str) -> tuple[torch.Tensor, Any] | None:
+        """This rank's piece of a DTensor and where it lies (a ShardInfo); None for others."""
+        from statevault.distributed.dtensor import describe_dtensor, is_dtensor
+
+        if not is_dtensor(obj):
+            return None
+        return describe_dtensor(obj, path)
+
     def identity(self, obj: Any) -> Hashable | None:
         tensor: torch.Tensor = obj
         if tensor.numel() == 0:
@@ -133,6 +141,16 @@ class TorchAdapter:
         return None
 
     def copy_into(self, target: Any, loaded: Any) -> None:
+        from statevault.distributed.dtensor import is_dtensor
+
+        if is_dtensor(target):  # the load read this rank's piece in the target's layout
+            with torch.no_grad():
+                local = loaded.to_local() if is_dtensor(loaded) else None
+                if local is not None and loaded.placements == target.placements:
+                    target.to_local().copy_(local)
+                else:
+                    target.copy_(loaded)
+            return
         same_layout = target.dtype == loaded.dtype and target.shape == loaded.shape
         if same_layout and target.device.type == "cpu" and target.is_contiguous():
             if target.numel():  # one GIL-free memcpy, as in staging (see _copy_to_host)

@@ -2,6 +2,11 @@
 
 Tied tensors (the same tensor reached by two key paths, like shared embedding weights) become one
 leaf referenced twice, so they are stored once and come back tied.
+
+In a distributed save (``per_rank=True``) two more kinds of leaf appear: the local shard of a
+sharded tensor (a DTensor: the node is ``{"$": "sharded", "id": leaf}``) and the values of
+per-rank subtrees (``sv.PerRank(...)`` and ``sv.RNGState()``), whose leaves are numbered after
+every shared leaf, so that shared leaf numbers agree on every rank whatever each rank holds.
 """
 
 from __future__ import annotations
@@ -15,7 +20,20 @@ import numpy as np
 from statevault.adapters import ArrayAdapter, ArraySpec, adapter_for
 from statevault.errors import UnsupportedValueError
 from statevault.format import tree
-from statevault.stateful import is_stateful, type_name
+from statevault.per_rank import PerRank, is_per_rank
+from statevault.stateful import as_stateful, type_name
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where a leaf that is one rank's piece of a sharded tensor lies in the whole tensor."""
+
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    # (this rank's coordinate, mesh size) on every mesh dimension the tensor is replicated over:
+    # ranks differing only there hold the same chunk, and only one of them stores it.
+    replicas: tuple[tuple[int, int], ...] = ()
+    attrs: dict[str, Any] = field(default_factory=dict)  # of the whole tensor (Parameter-ness)
 
 
 @dataclass
@@ -26,6 +44,8 @@ class Leaf:
     adapter: ArrayAdapter
     value: Any
     spec: ArraySpec
+    shard: ShardInfo | None = None  # set for the local piece of a sharded tensor
+    per_rank: bool = False  # reached only through a per-rank subtree
 
 
 @dataclass
@@ -33,6 +53,11 @@ class SavePlan:
     tree: tree.Node
     metadata: tree.Node
     leaves: list[Leaf] = field(default_factory=list)
+    shared_count: int = -1  # leaves numbered before the per-rank ones (-1: all of them)
+
+    def __post_init__(self) -> None:
+        if self.shared_count < 0:
+            self.shared_count = len(self.leaves)
 
     @property
     def total_bytes(self) -> int:
@@ -43,35 +68,81 @@ class SavePlan:
 
 
 class _Planner:
-    def __init__(self) -> None:
+    def __init__(self, per_rank: bool) -> None:
         self.leaves: list[Leaf] = []
         self.seen: dict[Hashable, int] = {}
+        self.split_ranks = per_rank
+        self.in_rank_subtree = False
+        self.deferred: list[tuple[dict[str, Any], Any, str]] = []
 
     def encode_leaf(self, value: Any, path: str) -> tree.Node | None:
         if _is_numpy_scalar(value):
             return self.numpy_scalar(value, path)
+        if is_per_rank(value):
+            return self.per_rank(value, path)
         adapter = adapter_for(value)
         if adapter is not None:
+            local_shard = getattr(adapter, "local_shard", None)
+            sharded = local_shard(value, path) if local_shard is not None else None
+            if sharded is not None:
+                local, info = sharded
+                return {"$": "sharded", "id": self.shard(adapter, local, info, path)}
             return {"$": "tensor", "id": self.array(adapter, value, path)}
-        if is_stateful(value):
-            state = value.state_dict()
-            return {
-                "$": "stateful",
-                "type": type_name(value),
-                "state": tree.encode(state, self.encode_leaf, path),
-            }
+        stateful = as_stateful(value)
+        if stateful is not None:
+            return self.stateful(value, stateful, path)
         return None
+
+    def stateful(self, value: Any, stateful: Any, path: str) -> tree.Node:
+        return {
+            "$": "stateful",
+            "type": type_name(value),
+            "state": tree.encode(stateful.state_dict(), self.encode_leaf, path),
+        }
 
     def array(self, adapter: ArrayAdapter, value: Any, path: str) -> int:
         spec = adapter.describe(value, path)  # validates first: identity needs a plain tensor
         identity = adapter.identity(value)
         if identity is not None and identity in self.seen:
             return self.seen[identity]
-        self.leaves.append(Leaf(path, adapter, value, spec))
+        self.leaves.append(Leaf(path, adapter, value, spec, per_rank=self.in_rank_subtree))
         index = len(self.leaves) - 1
         if identity is not None:
             self.seen[identity] = index
         return index
+
+    def shard(self, adapter: ArrayAdapter, local: Any, info: ShardInfo, path: str) -> int:
+        """A leaf for this rank's piece of a sharded tensor (tied pieces stay one leaf)."""
+        if self.in_rank_subtree:
+            raise UnsupportedValueError(
+                path, "a DTensor inside sv.PerRank(...) or RNGState: per-rank state is plain"
+            )
+        spec = adapter.describe(local, path)
+        identity = adapter.identity(local)
+        key = ("sharded", identity) if identity is not None else None
+        if key is not None and key in self.seen:
+            return self.seen[key]
+        self.leaves.append(Leaf(path, adapter, local, spec, info, self.in_rank_subtree))
+        if key is not None:
+            self.seen[key] = len(self.leaves) - 1
+        return len(self.leaves) - 1
+
+    def per_rank(self, value: Any, path: str) -> tree.Node:
+        inner = value.value if isinstance(value, PerRank) else value
+        if not self.split_ranks or self.in_rank_subtree:  # one process: an ordinary subtree
+            if isinstance(value, PerRank):
+                return tree.encode(inner, self.encode_leaf, path)
+            return self.stateful(inner, inner, path)  # RNGState
+        placeholder: dict[str, Any] = {"$": "per_rank", "local": None}
+        self.deferred.append((placeholder, inner, path))
+        return placeholder
+
+    def encode_deferred(self) -> None:
+        """Encode the per-rank subtrees after every shared leaf is numbered."""
+        self.in_rank_subtree = True
+        for placeholder, value, path in self.deferred:
+            placeholder["local"] = tree.encode(value, self.encode_leaf, path)
+        self.in_rank_subtree = False
 
     def numpy_scalar(self, value: Any, path: str) -> tree.Node:
         name = value.dtype.name
@@ -88,12 +159,17 @@ def _is_numpy_scalar(value: Any) -> bool:
     return isinstance(value, np.generic)
 
 
-def plan_save(state: Any, metadata: Any = None) -> SavePlan:
-    """Encode ``state`` and ``metadata``; raises UnsupportedValueError naming a bad key path."""
-    planner = _Planner()
+def plan_save(state: Any, metadata: Any = None, *, per_rank: bool = False) -> SavePlan:
+    """Encode ``state`` and ``metadata``; raises UnsupportedValueError naming a bad key path.
+
+    ``per_rank``: a distributed save, where per-rank subtrees become ``per_rank`` nodes whose
+    ``local`` branch holds this rank's values."""
+    planner = _Planner(per_rank)
     encoded = tree.encode(state, planner.encode_leaf)
+    shared = len(planner.leaves)
+    planner.encode_deferred()
     encoded_metadata = tree.encode(metadata, _reject_arrays("metadata"), "metadata")
-    return SavePlan(encoded, encoded_metadata, planner.leaves)
+    return SavePlan(encoded, encoded_metadata, planner.leaves, shared)
 
 
 def _reject_arrays(root: str) -> tree.LeafEncoder:

@@ -20,13 +20,17 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from statevault.distributed.geometry import Box, GeometryError, check_chunks
 from statevault.errors import CorruptCheckpointError, UnsupportedFormatError
 from statevault.format import dtypes
 from statevault.format.checksum import crc32c_of, format_checksum, parse_checksum
 from statevault.format.names import is_safe_file_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads; writers write 1 unless a feature needs 2
 MAX_MANIFEST_BYTES = 1 << 30
+# Tensors longer than a block carry the running CRC32C at every block boundary ("blocks"), so a
+# ranged read of part of a tensor (resharding, a partial load) is verified without reading it all.
+BLOCK_BYTES = 16 << 20
 _ENVELOPE = re.compile(
     rb'^\{"format":"statevault","format_version":(\d{1,9}),'
     rb'"checksum":"(crc32c:[0-9a-f]{8})","body":'
@@ -58,6 +62,33 @@ class TensorEntry:
     nbytes: int
     checksum: str
     attrs: dict[str, Any] = field(default_factory=dict)  # framework extras: device, requires_grad
+    # The running CRC32C after each whole BLOCK_BYTES block but the last (whose running CRC is
+    # ``checksum``): empty for tensors of one block.
+    blocks: tuple[str, ...] = ()
+
+    def block_count(self) -> int:
+        return max(1, -(-self.nbytes // BLOCK_BYTES))
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """One stored piece of a sharded tensor: where it starts, and the tensor row holding it
+    (whose shape is the chunk's size)."""
+
+    offsets: tuple[int, ...]
+    tensor: int
+
+
+@dataclass(frozen=True)
+class ShardedEntry:
+    """A tensor saved in pieces by several ranks: its global shape and every chunk (format 2)."""
+
+    path: str
+    framework: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[ChunkEntry, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,9 +98,16 @@ class Manifest:
     tree: Any  # a node from format.tree
     metadata: Any = None  # a node from format.tree: the user's metadata
     info: dict[str, Any] = field(default_factory=dict)  # created, versions, timings, world size
+    sharded: list[ShardedEntry] = field(default_factory=list)
+    ranks: int = 1  # processes that saved it: the length of every per_rank node in the tree
 
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def format_version(self) -> int:
+        """1 unless the checkpoint uses what format 2 added (sharded tensors, per-rank state)."""
+        return 2 if self.sharded or self.ranks > 1 else 1
 
 
 def serialize_manifest(manifest: Manifest) -> bytes:
@@ -81,9 +119,12 @@ def serialize_manifest(manifest: Manifest) -> bytes:
         "tensors": [_tensor_to_json(t) for t in manifest.tensors],
         "tree": manifest.tree,
     }
+    if manifest.format_version >= 2:
+        body["ranks"] = manifest.ranks
+        body["sharded"] = [_sharded_to_json(s) for s in manifest.sharded]
     body_bytes = json.dumps(body, ensure_ascii=True, allow_nan=False, indent=1).encode("ascii")
     head = (
-        f'{{"format":"statevault","format_version":{FORMAT_VERSION},'
+        f'{{"format":"statevault","format_version":{manifest.format_version},'
         f'"checksum":"{format_checksum(crc32c_of(body_bytes))}","body":'
     ).encode("ascii")
     return head + body_bytes + b"}\n"
@@ -94,6 +135,23 @@ def _tensor_to_json(tensor: TensorEntry) -> dict[str, Any]:
     row["shape"] = list(tensor.shape)
     if not tensor.attrs:
         del row["attrs"]
+    if tensor.blocks:
+        row["blocks"] = list(tensor.blocks)
+    else:
+        del row["blocks"]
+    return row
+
+
+def _sharded_to_json(entry: ShardedEntry) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "path": entry.path,
+        "framework": entry.framework,
+        "dtype": entry.dtype,
+        "shape": list(entry.shape),
+        "chunks": [{"offsets": list(c.offsets), "tensor": c.tensor} for c in entry.chunks],
+    }
+    if entry.attrs:
+        row["attrs"] = entry.attrs
     return row
 
 
@@ -117,7 +175,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             f"reads up to {FORMAT_VERSION}): upgrade statevault to load it"
         )
     _check_body_checksum(data, where)
-    return _Validator(where).manifest(doc.get("body"))
+    return _Validator(where).manifest(doc.get("body"), version)
 
 
 def _parse_json(data: bytes, where: str) -> Any:
@@ -181,7 +239,7 @@ class _Validator:
             raise self.fail(f"{ctx}.{key} is negative")
         return value
 
-    def manifest(self, body: Any) -> Manifest:
+    def manifest(self, body: Any, version: int) -> Manifest:
         files = [self.file(f, i) for i, f in enumerate(self.get(body, "files", list, "body"))]
         by_name = {f.name: f for f in files}
         if len(by_name) != len(files):
@@ -193,7 +251,54 @@ class _Validator:
         for key in ("tree", "metadata"):
             if key not in body:
                 raise self.fail(f"body.{key} is missing")
-        return Manifest(files, tensors, body.get("tree"), body.get("metadata"), info)
+        manifest = Manifest(files, tensors, body.get("tree"), body.get("metadata"), info)
+        if version >= 2:
+            manifest.ranks = self.count(body, "ranks", "body")
+            if not 1 <= manifest.ranks <= 1 << 20:
+                raise self.fail(f"body.ranks {manifest.ranks} is out of range")
+            rows = self.get(body, "sharded", list, "body")
+            manifest.sharded = [self.sharded(r, i, tensors) for i, r in enumerate(rows)]
+        elif "sharded" in body or "ranks" in body:
+            raise self.fail("sharded tensors and per-rank state need format_version 2")
+        return manifest
+
+    def sharded(self, row: Any, index: int, tensors: list[TensorEntry]) -> ShardedEntry:
+        ctx = f"sharded[{index}]"
+        path: str = self.get(row, "path", str, ctx)
+        ctx = f"{ctx} ({path[:200]})"
+        dtype_name = self.get(row, "dtype", str, ctx)
+        framework = self.get(row, "framework", str, ctx)
+        shape = self.shape(row, dtype_name, ctx)
+        chunks = []
+        for position, chunk in enumerate(self.get(row, "chunks", list, ctx)):
+            where = f"{ctx}.chunks[{position}]"
+            tensor = self.count(chunk, "tensor", where)
+            offsets = tuple(self.get(chunk, "offsets", list, where))
+            if tensor >= len(tensors):
+                raise self.fail(f"{where}: tensor {tensor} is not listed in tensors")
+            stored = tensors[tensor]
+            if stored.dtype != dtype_name or stored.framework != framework:
+                raise self.fail(f"{where}: stored as {stored.dtype}, the tensor is {dtype_name}")
+            if any(type(o) is not int for o in offsets):
+                raise self.fail(f"{where}: offsets must be ints")
+            chunks.append(ChunkEntry(offsets, tensor))
+        boxes = [Box(c.offsets, tensors[c.tensor].shape) for c in chunks]
+        try:
+            check_chunks(shape, boxes)
+        except GeometryError as exc:
+            raise self.fail(f"{ctx}: {exc}") from None
+        attrs = self.attrs(row, dtype_name, ctx) if "attrs" in row else {}
+        return ShardedEntry(path, framework, dtype_name, shape, tuple(chunks), attrs)
+
+    def shape(self, row: Any, dtype_name: str, ctx: str) -> tuple[int, ...]:
+        if dtype_name not in dtypes.DTYPES:
+            raise self.fail(f"{ctx}: unknown dtype {dtype_name[:40]!r}")
+        shape = tuple(self.get(row, "shape", list, ctx))
+        if any(type(d) is not int or d < 0 for d in shape) or len(shape) > 64:
+            raise self.fail(f"{ctx}: shape must be at most 64 non-negative ints")
+        if math.prod(max(d, 1) for d in shape) * dtypes.lookup(dtype_name).itemsize >= 1 << 63:
+            raise self.fail(f"{ctx}: shape is too large for any array")
+        return shape
 
     def file(self, row: Any, index: int) -> FileEntry:
         ctx = f"files[{index}]"
@@ -225,13 +330,7 @@ class _Validator:
         path: str = self.get(row, "path", str, ctx)
         ctx = f"{ctx} ({path[:200]})"
         dtype_name = self.get(row, "dtype", str, ctx)
-        if dtype_name not in dtypes.DTYPES:
-            raise self.fail(f"{ctx}: unknown dtype {dtype_name[:40]!r}")
-        shape = tuple(self.get(row, "shape", list, ctx))
-        if any(type(d) is not int or d < 0 for d in shape) or len(shape) > 64:
-            raise self.fail(f"{ctx}: shape must be at most 64 non-negative ints")
-        if math.prod(max(d, 1) for d in shape) * dtypes.lookup(dtype_name).itemsize >= 1 << 63:
-            raise self.fail(f"{ctx}: shape is too large for any array")
+        shape = self.shape(row, dtype_name, ctx)
         file_name = self.get(row, "file", str, ctx)
         if file_name not in files:
             raise self.fail(f"{ctx}: file {file_name[:80]!r} is not listed in files")
@@ -245,6 +344,7 @@ class _Validator:
             nbytes=self.count(row, "nbytes", ctx),
             checksum=self.checksum(row, "checksum", ctx),
             attrs=self.attrs(row, dtype_name, ctx),
+            blocks=self.blocks(row, ctx),
         )
         expected = math.prod(shape) * dtypes.lookup(dtype_name).itemsize
         if expected != entry.nbytes:
@@ -252,10 +352,20 @@ class _Validator:
                 f"{ctx}: {entry.nbytes} bytes do not match dtype {dtype_name} "
                 f"and shape {list(shape)} ({expected} bytes)"
             )
+        if entry.blocks and len(entry.blocks) != entry.block_count() - 1:
+            raise self.fail(
+                f"{ctx}: {len(entry.blocks)} block checksums for {entry.block_count()} blocks"
+            )
         file = files[file_name]
         if entry.offset < file.header_size or entry.offset + entry.nbytes > file.size:
             raise self.fail(f"{ctx}: byte range lies outside {file_name}")
         return entry
+
+    def blocks(self, row: dict[str, Any], ctx: str) -> tuple[str, ...]:
+        if "blocks" not in row:
+            return ()
+        items = self.get(row, "blocks", list, ctx)
+        return tuple(self.checksum({"b": item}, "b", f"{ctx}.blocks") for item in items)
 
     def attrs(self, row: dict[str, Any], dtype_name: str, ctx: str) -> dict[str, Any]:
         attrs = self.get(row, "attrs", dict, ctx) if "attrs" in row else {}

@@ -18,12 +18,29 @@ def shard_name(index: int, rank: int = 0, tag: str = "") -> str:
     return f"data-r{rank:05d}-{index:05d}{tag}.safetensors"
 
 
-_WRITTEN_SHARD = re.compile(r"^data-r\d{5}-\d{5}(-[0-9a-f]{8})?\.safetensors$")
+def part_name(rank: int, tag: str = "") -> str:
+    """``part-r<rank><tag>.json``: a rank's report in a distributed save, deleted before the
+    manifest is written (distributed/parts.py)."""
+    return f"part-r{rank:05d}{tag}.json"
+
+
+_WRITTEN_SHARD = re.compile(
+    r"^(data-r\d{5}-\d{5}(-[0-9a-f]{8})?\.safetensors|part-r\d{5}(-[0-9a-f]{8})?\.json)$"
+)
+_PART = re.compile(r"^part-r(\d{5})(-[0-9a-f]{8})?\.json$")
 
 
 def is_shard_name(name: str) -> bool:
-    """Whether ``name`` is a shard name statevault writes (see :func:`shard_name`)."""
+    """Whether ``name`` is an object a save writes: a shard (see :func:`shard_name`) or a part."""
     return _WRITTEN_SHARD.fullmatch(name) is not None
+
+
+def part_rank(name: str, tag: str = "") -> int | None:
+    """The rank of a part object of the save tagged ``tag``, else None."""
+    match = _PART.fullmatch(name)
+    if match is None or (match.group(2) or "") != tag:
+        return None
+    return int(match.group(1))
 
 
 def is_safe_file_name(name: object) -> bool:

@@ -17,6 +17,8 @@ dict / OrderedDict     ``{"$": "dict" | "odict", "v": {...}}`` when every key is
 array leaf             ``{"$": "tensor", "id": n}``: row n of the manifest's ``tensors``
 numpy scalar           ``{"$": "npscalar", "dtype": "float32", "v": node}``
 Stateful object        ``{"$": "stateful", "type": "pkg.Class", "state": node}``
+sharded tensor         ``{"$": "sharded", "id": n}``: row n of ``sharded`` (format 2)
+per-rank subtree       ``{"$": "per_rank", "ranks": [node, ...]}``: one per saving rank (2)
 =====================  ==================================================================
 
 Any other value raises :class:`UnsupportedValueError` naming its key path. This module is pure:
@@ -62,6 +64,9 @@ _PLAIN_KEY_TYPES = (str, int, float, bool, type(None), bytes, tuple)
 LeafEncoder = Callable[[Any, str], "Node | None"]
 # Called with a tensor node's id, returns the loaded array.
 TensorResolver = Callable[[int], Any]
+# Called with the number of branches of a per_rank node, returns the branch to decode (the
+# caller's rank, or its documented stand-in when the world size changed).
+RankPicker = Callable[[int], int]
 
 
 def join_path(parent: str, key: object) -> str:
@@ -151,8 +156,18 @@ def _unsupported_hint(value: Any) -> str:
 class _Decoder:
     """Rebuilds a tree from nodes read from a manifest. Every node is checked: input is hostile."""
 
-    def __init__(self, resolve_tensor: TensorResolver, where: str) -> None:
+    def __init__(
+        self,
+        resolve_tensor: TensorResolver,
+        where: str,
+        resolve_sharded: TensorResolver | None,
+        pick_rank: RankPicker | None,
+        ranks: int | None = None,
+    ) -> None:
+        self.ranks = ranks
         self.resolve_tensor = resolve_tensor
+        self.resolve_sharded = resolve_sharded
+        self.pick_rank = pick_rank
         self.where = where
 
     def fail(self, path: str, detail: str) -> CorruptCheckpointError:
@@ -246,6 +261,27 @@ class _Decoder:
     def tensor(self, node: dict[str, Any], path: str, depth: int) -> Any:
         return self.resolve_tensor(self.field(node, "id", int, path))
 
+    def sharded(self, node: dict[str, Any], path: str, depth: int) -> Any:
+        index = self.field(node, "id", int, path)
+        if self.resolve_sharded is None:
+            raise self.fail(path, "a sharded tensor in a checkpoint without sharded tensors")
+        return self.resolve_sharded(index)
+
+    def per_rank(self, node: dict[str, Any], path: str, depth: int) -> Any:
+        branches = self.field(node, "ranks", list, path)
+        if not branches or (self.ranks is not None and len(branches) != self.ranks):
+            raise self.fail(
+                path, f"a per_rank node with {len(branches)} branches, not {self.ranks}"
+            )
+        if self.pick_rank is None:  # validate every branch, give back rank 0's
+            decoded = [
+                self.node(b, join_path(path, f"<rank {i}>"), depth + 1)
+                for i, b in enumerate(branches)
+            ]
+            return decoded[0]
+        chosen = self.pick_rank(len(branches))
+        return self.node(branches[chosen], path, depth + 1)
+
     def npscalar(self, node: dict[str, Any], path: str, depth: int) -> Any:
         import numpy as np
 
@@ -279,27 +315,41 @@ _TAG_HANDLERS: dict[str, Callable[[_Decoder, dict[str, Any], str, int], Any]] = 
     "tensor": _Decoder.tensor,
     "npscalar": _Decoder.npscalar,
     "stateful": _Decoder.stateful,
+    "sharded": _Decoder.sharded,
+    "per_rank": _Decoder.per_rank,
 }
 
 
-def decode(node: Node, resolve_tensor: TensorResolver, where: str = "checkpoint") -> Any:
-    """The tree a node encodes; tensors come from ``resolve_tensor(id)``.
+def decode(
+    node: Node,
+    resolve_tensor: TensorResolver,
+    where: str = "checkpoint",
+    *,
+    resolve_sharded: TensorResolver | None = None,
+    pick_rank: RankPicker | None = None,
+    ranks: int | None = None,
+) -> Any:
+    """The tree a node encodes; tensors come from ``resolve_tensor(id)``, sharded tensors from
+    ``resolve_sharded(id)``; ``pick_rank`` chooses the branch of per-rank nodes (default: every
+    branch is checked and rank 0's is returned).
 
     Raises CorruptCheckpointError for anything malformed (``where`` names the checkpoint).
     """
     try:
-        return _Decoder(resolve_tensor, where).node(node, "", 0)
+        decoder = _Decoder(resolve_tensor, where, resolve_sharded, pick_rank, ranks)
+        return decoder.node(node, "", 0)
     except RecursionError:
         raise CorruptCheckpointError(f"{where}: tree nested too deeply") from None
 
 
-def subtree(node: Node, path: str, where: str = "checkpoint") -> Node:
+def subtree(node: Node, path: str, where: str = "checkpoint", rank: int = 0) -> Node:
     """The encoded node at key path ``path`` (``model`` or ``optimizer/state/0``), matching each
     component against the display text of dict keys and against list and tuple indices; a
-    Stateful node is stepped through to its state. KeyError when nothing is there."""
+    Stateful node is stepped through to its state, a per-rank node to branch ``rank`` (modulo
+    its length). KeyError when nothing is there."""
     current = node
     for part in [p for p in path.split("/") if p]:
-        current = _child(_unwrap(current), part)
+        current = _child(_unwrap(current, rank), part)
         if current is _MISSING:
             raise KeyError(f"{where} has nothing at {path!r} (no {part!r} there)")
     return current
@@ -308,9 +358,21 @@ def subtree(node: Node, path: str, where: str = "checkpoint") -> Node:
 _MISSING = object()
 
 
-def _unwrap(node: Node) -> Node:
-    while type(node) is dict and node.get("$") == "stateful":
-        node = node.get("state")
+def subtree_child(node: Node, key: object) -> Node:
+    """The child of a container node under ``key`` (matched by its display text), or None."""
+    child = _child(_unwrap(node), join_path("", key))
+    return None if child is _MISSING else child
+
+
+def _unwrap(node: Node, rank: int = 0) -> Node:
+    while type(node) is dict and node.get("$") in ("stateful", "per_rank"):
+        if node["$"] == "stateful":
+            node = node.get("state")
+        else:
+            branches = node.get("ranks")
+            if type(branches) is not list or not branches:
+                return node
+            node = branches[rank % len(branches)]
     return node
 
 
@@ -342,18 +404,19 @@ def _key_text(key_node: Node) -> str:
     return join_path("", key)
 
 
-def tensor_ids(node: Node, depth: int = 0) -> set[int]:
-    """The ids of every tensor an encoded subtree refers to (what a partial load must read)."""
+def tensor_ids(node: Node, depth: int = 0, tag: str = "tensor") -> set[int]:
+    """The ids of every ``tag`` node (``tensor`` or ``sharded``) an encoded subtree refers to
+    (what a partial load must read)."""
     found: set[int] = set()
     if depth > MAX_DEPTH:
         return found
     if type(node) is list:
         for item in node:
-            found |= tensor_ids(item, depth + 1)
+            found |= tensor_ids(item, depth + 1, tag)
     elif type(node) is dict:
-        if node.get("$") == "tensor" and type(node.get("id")) is int:
+        if node.get("$") == tag and type(node.get("id")) is int:
             found.add(node["id"])
         for value in node.values():
             if type(value) in (list, dict):
-                found |= tensor_ids(value, depth + 1)
+                found |= tensor_ids(value, depth + 1, tag)
     return found

@@ -21,16 +21,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from statevault import commit
-from statevault.checkpoint import load, local_path
-from statevault.errors import CheckpointError, CorruptCheckpointError
+from statevault.checkpoint import load
+from statevault.distributed.saver import new_saver
+from statevault.errors import CheckpointError
 from statevault.manager.index import (
     CheckpointRecord,
     RunScan,
@@ -39,35 +37,50 @@ from statevault.manager.index import (
     plain_metrics,
     read_annotations,
     read_record,
-    scan_run,
 )
-from statevault.manager.lock import RunLock
-from statevault.manager.naming import ANNOTATIONS_FILE, LOCK_FILE, RUN_FILE, step_dir_name
+from statevault.manager.lock import DEFAULT_LEASE_SECONDS
+from statevault.manager.naming import ANNOTATIONS_FILE
 from statevault.manager.preemption import PreemptionWatcher
+from statevault.manager.queries import RunQueries
+from statevault.manager.replication import Replicator
+from statevault.manager.resume import candidates, load_newest
 from statevault.manager.retention import (
-    KeepBest,
     RetentionPolicy,
     decide,
     policies_from_options,
 )
+from statevault.manager.role import Role
 from statevault.manager.run import new_run, new_session, read_run, write_run
-from statevault.saver import SaveFuture, Saver
-from statevault.storage.local import LocalStorage, fsync_dir
+from statevault.manager.rundir import DEFAULT_STALE_AFTER_SECONDS, RunDir
+from statevault.saver import SaveFuture
 
 logger = logging.getLogger("statevault")
 
 
 @dataclass
 class Restored:
-    """What :meth:`CheckpointManager.restore` restored: the step, its path and the loaded tree."""
+    """What :meth:`CheckpointManager.restore` restored: the step, its path (or URL), the tier
+    it came from (``"local"``, ``"replica"`` or ``"source"`` for a fork) and the loaded tree."""
 
     step: int
     path: str
     state: Any
+    tier: str = "local"
 
 
-class CheckpointManager:
-    """Manages the checkpoints of one run directory (see the module docstring)."""
+class CheckpointManager(RunQueries):
+    """Manages the checkpoints of one run directory (see the module docstring).
+
+    ``directory``: a local path (the fast path) or any fsspec URL (``s3://bucket/run``,
+    ``memory://...``); ``storage_options`` reach fsspec (endpoint, credentials).
+    ``replicate_to``: a second, durable tier (any URL; ``directory`` must then be local): every
+    ``replicate_every``-th checkpoint this manager saves, and every preemption save, is copied
+    there in the background and kept by its own retention (``replica_max_to_keep`` or
+    ``replica_retention``); ``restore`` picks the newest valid checkpoint of either tier.
+    ``lease_seconds``: how long a writer lock without heartbeat stays valid (lock.py,
+    lease.py). ``stale_after_seconds``: a manifest-less prefix on an object store is swept only
+    once its newest object is older than this (it may be a save in flight).
+    """
 
     def __init__(
         self,
@@ -86,8 +99,17 @@ class CheckpointManager:
         name: str | None = None,
         async_save: bool = False,
         staging_budget_bytes: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        replicate_to: str | os.PathLike[str] | None = None,
+        replicate_every: int = 1,
+        replica_max_to_keep: int | None = 3,
+        replica_retention: Sequence[RetentionPolicy] | None = None,
+        replica_storage_options: Mapping[str, Any] | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        stale_after_seconds: float = DEFAULT_STALE_AFTER_SECONDS,
     ) -> None:
-        self.directory = local_path(directory)
+        self._dir = RunDir(directory, storage_options, stale_after_seconds)
+        self.directory = self._dir.url
         self.save_interval_steps = save_interval_steps
         self.save_interval_seconds = save_interval_seconds
         self.retention = (
@@ -97,20 +119,42 @@ class CheckpointManager:
                 max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best
             )
         )
-        os.makedirs(self.directory, exist_ok=True)
-        self._lock = RunLock(os.path.join(self.directory, LOCK_FILE))
-        self._lock.acquire()
+        self._replica: RunDir | None = None
+        if replicate_to is not None:
+            if not self._dir.local:
+                raise ValueError("replicate_to needs a local directory as the fast tier")
+            if replicate_every < 1:
+                raise ValueError(f"replicate_every must be >= 1, got {replicate_every}")
+            options = replica_storage_options or storage_options
+            self._replica = RunDir(replicate_to, options, stale_after_seconds)
+        self.replicate_every = replicate_every
         self._closed = False
+        self._replicator: Replicator | None = None
+        self._saver = new_saver(asynchronous=async_save, staging_budget_bytes=staging_budget_bytes)
+        self._role = Role(self._saver)
+        error: BaseException | None = None
+        if self._role.leader:
+            try:
+                self._open_as_leader(
+                    name, run_metadata, lease_seconds, replica_retention, replica_max_to_keep
+                )
+            except BaseException as exc:
+                self._closed = True
+                error = exc
         try:
-            self._run = self._open_run(name, run_metadata)
-            self._sweep_temporaries()
-            self._scan: RunScan = scan_run(self.directory)
+            self._role.raise_leader_error(error)
         except BaseException:
             self._closed = True
-            self._lock.release()
+            self._saver.close()
             raise
-        self._saver = Saver(asynchronous=async_save, staging_budget_bytes=staging_budget_bytes)
+        if not self._role.leader:  # followers read what the leader set up
+            self._run = {"run_id": self._role.share(None)}
+            self._session: dict[str, Any] = {}
+            self._scan = self._dir.scan()
+        else:
+            self._role.share(self.run_id)
         self._pending: tuple[int, SaveFuture] | None = None
+        self._saves_collected = 0
         self._resumed_step: int | None = None
         self._last_save_time = time.monotonic()
         self._preemption = PreemptionWatcher()
@@ -120,100 +164,63 @@ class CheckpointManager:
 
     # ---- run bookkeeping -------------------------------------------------------------------
 
+    def _open_as_leader(
+        self,
+        name: str | None,
+        run_metadata: Any,
+        lease_seconds: float,
+        replica_retention: Sequence[RetentionPolicy] | None,
+        replica_max_to_keep: int | None,
+    ) -> None:
+        self._dir.create()
+        try:
+            self._acquire_locks(lease_seconds)
+            self._run = self._open_run(name, run_metadata)
+            self._dir.sweep()
+            self._scan: RunScan = self._dir.scan()
+            if self._replica is not None:
+                self._replica.sweep()
+                policies = (
+                    list(replica_retention)
+                    if replica_retention is not None
+                    else policies_from_options(replica_max_to_keep, None, None, "min", 1)
+                )
+                self._replicator = Replicator(self._replica.location, policies, self.run_id)
+        except BaseException:
+            self._release_locks()
+            raise
+
+    def _acquire_locks(self, lease_seconds: float) -> None:
+        self._dir.acquire(lease_seconds)
+        if self._replica is not None:
+            self._replica.create()
+            self._replica.acquire(lease_seconds)
+
+    def _release_locks(self) -> None:
+        try:
+            if self._replica is not None:
+                self._replica.release()
+        finally:
+            self._dir.release()
+
     def _open_run(self, name: str | None, run_metadata: Any) -> dict[str, Any]:
-        run = read_run(self.directory) or new_run(self.directory, name, run_metadata)
+        """run.json of the run: this tier's, else the replica's (a new node whose local tier
+        is empty continues the same run), else a new one."""
+        run = read_run(self._dir.location)
+        if run is None and self._replica is not None:
+            run = read_run(self._replica.location)
+        if run is None:
+            run = new_run(self._dir.location, name, run_metadata)
         self._session = new_session()
         run["sessions"].append(self._session)
-        write_run(self.directory, run)
+        self._run = run
+        self._write_run()
         return run
 
-    @property
-    def run_id(self) -> str:
-        run_id: str = self._run["run_id"]
-        return run_id
-
-    def _sweep_temporaries(self) -> None:
-        """Remove leftovers of dead saves. Safe: holding the run lock, no other save is live.
-
-        A committed checkpoint moved aside by an overwrite that died between its two renames
-        (platforms without an atomic exchange) is put back first, never swept.
-        """
-        scan = scan_run(self.directory)
-        leftovers = list(scan.temporaries)
-        for name in scan.set_aside:
-            original = os.path.join(self.directory, name.split(commit.TMP_MARKER)[0])
-            if os.path.lexists(original):
-                leftovers.append(name)  # the overwrite finished: the old copy is garbage
-            else:
-                os.rename(os.path.join(self.directory, name), original)
-                fsync_dir(self.directory)
-        # A step directory without a manifest was never a save in flight (saves run under
-        # temporary names): it is what a deletion killed halfway left behind.
-        leftovers += [
-            os.path.basename(r.path) for r in scan.records.values() if r.status == "incomplete"
-        ]
-        leftovers += [n for n in os.listdir(self.directory) if n.startswith(RUN_FILE + ".tmp-")]
-        for name in leftovers:
-            path = os.path.join(self.directory, name)
-            logger.info("statevault: removing leftover of an interrupted save: %s", path)
-            if os.path.isdir(path) and not os.path.islink(path):
-                LocalStorage().remove_tree(path)
-            else:
-                LocalStorage().remove_file(path)
-
-    # ---- queries ---------------------------------------------------------------------------
-
-    def all_steps(self) -> list[int]:
-        """Steps of the committed checkpoints of this run, oldest first."""
-        self._collect(block=False)
-        return [r.step for r in self._scan.committed()]
-
-    def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
-
-    def best_step(self) -> int | None:
-        """The best step by ``best_metric`` (or the first KeepBest policy), None without one."""
-        policy = next((p for p in self.retention if isinstance(p, KeepBest)), None)
-        if policy is None:
-            return None
-        scored = [
-            (policy.score(r.metrics[policy.metric]), r.step)
-            for r in self._scan.committed()
-            if policy.has(r)
-        ]
-        return min(scored)[1] if scored else None
-
-    def path(self, step: int) -> str:
-        return os.path.join(self.directory, step_dir_name(step))
-
-    def checkpoints(self) -> list[CheckpointRecord]:
-        """Every checkpoint directory with its status, metrics and why retention keeps it."""
-        records = sorted(self._scan.records.values(), key=lambda r: r.step)
-        kept, _ = decide(self._own_records(), self.retention, self._protected())
-        for record in records:
-            record.kept_because = kept.get(record.step, [])
-            if record.status == "committed" and record.run_id != self.run_id:
-                record.kept_because = ["written by another run"]
-        return records
-
-    def metadata(self, step: int) -> dict[str, Any]:
-        """What the checkpoint of ``step`` records: user metadata, metrics, time, save figures."""
-        record = self._committed_record(step)
-        return {
-            "step": record.step,
-            "created": record.created,
-            "metrics": dict(record.metrics),
-            "metadata": record.metadata,
-            "save": dict(record.save),
-            "run_id": record.run_id,
-        }
-
-    def _committed_record(self, step: int) -> CheckpointRecord:
-        record = self._scan.records.get(step)
-        if record is None or record.status != "committed":
-            raise CheckpointError(f"no committed checkpoint for step {step} in {self.directory}")
-        return record
+    def _write_run(self) -> None:
+        write_run(self._dir.location, self._run)
+        if self._replica is not None:
+            write_run(self._replica.location, self._run)
 
     # ---- restore ---------------------------------------------------------------------------
 
@@ -223,24 +230,64 @@ class CheckpointManager:
         *,
         step: int | None = None,
         source: str | os.PathLike[str] | None = None,
+        source_storage_options: Mapping[str, Any] | None = None,
         device: str | None = None,
         strict: bool = True,
     ) -> Restored | None:
         """Restore the newest valid checkpoint (or ``step``); None when the run has none.
 
-        A checkpoint that fails verification is skipped with a warning naming it, and the next
-        older one is tried; damaged checkpoints are kept for inspection, never deleted here.
-        ``source``: fork from another run directory (its newest valid checkpoint, or ``step``)
-        instead; the fork is recorded in this run's lineage.
+        With ``replicate_to``, both tiers are searched: the newest step of either wins (the
+        local copy first when both hold it), so a new node whose local tier is empty resumes
+        from the replica. A checkpoint that fails verification is skipped with a warning
+        naming it, and the next one is tried; damaged checkpoints are kept for inspection,
+        never deleted here. ``source``: fork from another run directory or URL (its newest
+        valid checkpoint, or ``step``) instead; the fork is recorded in this run's lineage.
         """
-        if source is not None:
-            restored = self._fork(local_path(source), into, step, device, strict)
+        self._check_open()
+        if self._role.leader:
+            try:
+                if source is not None:
+                    restored = self._fork(
+                        source, source_storage_options, into, step, device, strict
+                    )
+                else:
+                    restored = self._restore_own(into, step, device, strict)
+            except BaseException as exc:
+                self._role.share(("error", f"{type(exc).__name__}: {exc}"))
+                raise
+            self._role.share(
+                None if restored is None else (restored.path, restored.step, restored.tier)
+            )
         else:
-            restored = self._restore_own(into, step, device, strict)
+            restored = self._follow_restore(into, device, strict, source_storage_options)
         if into is not None:
             # Staging memory for async saves is made ready now, in the background.
             self._saver.prepare(into, reserve_optimizer_moments=True)
         return restored
+
+    def _follow_restore(
+        self,
+        into: Mapping[str, Any] | None,
+        device: str | None,
+        strict: bool,
+        source_storage_options: Mapping[str, Any] | None,
+    ) -> Restored | None:
+        """Load the checkpoint the leader chose (every rank restores the same step)."""
+        choice = self._role.share(None)
+        if choice is None:
+            return None
+        if choice[0] == "error":
+            raise CheckpointError(f"rank 0 could not restore: {choice[1]}")
+        path, step, tier = choice
+        options = {
+            "local": self._dir.storage_options,
+            "replica": self._replica.storage_options if self._replica is not None else None,
+            "source": source_storage_options,
+        }[tier]
+        state = load(path, into=into, device=device, strict=strict, storage_options=options)
+        if tier == "local":
+            self._resumed_step = step
+        return Restored(step, path, state, tier)
 
     def _restore_own(
         self,
@@ -250,104 +297,58 @@ class CheckpointManager:
         strict: bool,
     ) -> Restored | None:
         self._collect(block=False)
-        if step is not None:
-            candidates = [step]
-        else:  # newest first; damaged ones are named as they are passed over
-            candidates = sorted(
-                (r.step for r in self._scan.records.values() if r.status != "incomplete"),
-                reverse=True,
-            )
-        for candidate in candidates:
-            path = self.path(candidate)
-            record = self._scan.records.get(candidate)
-            if step is None and record is not None and record.status == "corrupt":
-                warnings.warn(
-                    f"statevault: skipping damaged checkpoint {path}: {record.problem}",
-                    stacklevel=3,
-                )
-                continue
-            try:
-                state = load(path, into=into, device=device, strict=strict)
-            except CorruptCheckpointError as exc:
-                warnings.warn(
-                    f"statevault: skipping damaged checkpoint {path}: {exc}", stacklevel=2
-                )
-                self._scan.records[candidate] = CheckpointRecord(
-                    candidate, path, "corrupt", str(exc)
-                )
-                if step is not None:
-                    raise
-                continue
-            self._resumed_step = candidate
-            self._session["resumed_from"] = {"run_id": self.run_id, "step": candidate}
-            write_run(self.directory, self._run)
-            logger.info("statevault: resumed from %s", path)
-            return Restored(candidate, path, state)
-        return None
+        tiers: list[tuple[str, Mapping[int, CheckpointRecord], Mapping[str, Any]]] = [
+            ("local", self._scan.records, self._dir.storage_options)
+        ]
+        if self._replicator is not None and self._replica is not None:
+            tiers.append(("replica", self._replicator.records(), self._replica.storage_options))
+        loaded, damaged = load_newest(
+            candidates(tiers, step), into, device, strict, step is not None
+        )
+        for bad_step, copy, problem in damaged:
+            record = CheckpointRecord(bad_step, copy.url, "corrupt", problem)
+            if copy.tier == "local":
+                self._scan.records[bad_step] = record
+            elif self._replicator is not None:
+                self._replicator.forget(bad_step, record)
+        if loaded is None:
+            return None
+        if loaded.copy.tier == "local":
+            self._resumed_step = loaded.step
+        resumed: dict[str, Any] = {"run_id": self.run_id, "step": loaded.step}
+        if loaded.copy.tier != "local":
+            resumed["tier"] = loaded.copy.tier
+        self._session["resumed_from"] = resumed
+        self._write_run()
+        logger.info("statevault: resumed from %s", loaded.copy.url)
+        return Restored(loaded.step, loaded.copy.url, loaded.state, loaded.copy.tier)
 
     def _fork(
         self,
-        source: str,
+        source: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None,
         into: Mapping[str, Any] | None,
         step: int | None,
         device: str | None,
         strict: bool,
     ) -> Restored | None:
-        scan = scan_run(source)
-        steps = [step] if step is not None else [r.step for r in reversed(scan.committed())]
-        for candidate in steps:
-            path = os.path.join(source, step_dir_name(candidate))
-            try:
-                state = load(path, into=into, device=device, strict=strict)
-            except CorruptCheckpointError as exc:
-                warnings.warn(
-                    f"statevault: skipping damaged checkpoint {path}: {exc}", stacklevel=3
-                )
-                continue
-            source_run = read_run(source)
-            self._session["forked_from"] = {
-                "path": source,
-                "run_id": source_run["run_id"] if source_run else None,
-                "step": candidate,
-            }
-            write_run(self.directory, self._run)
-            return Restored(candidate, path, state)
-        return None
+        origin = RunDir(source, storage_options)
+        records = origin.scan().records
+        committed = {s: r for s, r in records.items() if r.status == "committed"}
+        tiers = [("source", committed if step is None else records, origin.storage_options)]
+        loaded, _ = load_newest(candidates(tiers, step), into, device, strict, False)
+        if loaded is None:
+            return None
+        source_run = read_run(origin.location)
+        self._session["forked_from"] = {
+            "path": origin.url,
+            "run_id": source_run["run_id"] if source_run else None,
+            "step": loaded.step,
+        }
+        self._write_run()
+        return Restored(loaded.step, loaded.copy.url, loaded.state, "source")
 
     # ---- save ------------------------------------------------------------------------------
-
-    @property
-    def preempted(self) -> bool:
-        """True once a preemption signal arrived *and* the save it asked for is durable: the
-        loop may exit. (A signal landing after ``should_save`` returned False is honoured at
-        the next step: ``should_save`` is True there, and ``preempted`` only after that save.)"""
-        return self._preemption.requested and self._preemption_saved
-
-    @property
-    def preemption_requested(self) -> bool:
-        """True as soon as SIGTERM / SIGUSR1 (or ``request_preemption``) arrived."""
-        return self._preemption.requested
-
-    def request_preemption(self) -> None:
-        """Act as if SIGTERM arrived (for schedulers that notify some other way)."""
-        self._preemption.request()
-
-    def should_save(self, step: int) -> bool:
-        """Whether ``step`` is due: an interval is reached, or a preemption signal arrived."""
-        if step in self._scan.records and self._scan.records[step].status == "committed":
-            return False
-        if self._pending is not None and self._pending[0] == step:
-            return False
-        if self._preemption.requested and not self._preemption_saved:
-            return True
-        by_steps = self.save_interval_steps is not None
-        by_time = self.save_interval_seconds is not None
-        if not by_steps and not by_time:
-            return True
-        if by_steps and step % int(self.save_interval_steps or 1) == 0:
-            return True
-        elapsed = time.monotonic() - self._last_save_time
-        return by_time and elapsed >= float(self.save_interval_seconds or 0)
 
     def save(
         self,
@@ -360,108 +361,136 @@ class CheckpointManager:
     ) -> bool:
         """Save ``state`` as the checkpoint of ``step`` if due (or ``force``); True if saved.
 
-        Retention runs only after the new checkpoint is committed.
+        Retention runs only after the new checkpoint is committed. Raises the failure of an
+        earlier background save or replication.
         """
         self._check_open()
         if not force and not self.should_save(step):
             return False
         self._collect(block=True)  # one save in flight; raises a previous background failure
-        path = self.path(step)
-        self._make_room(step, force)
+        if self._replicator is not None:
+            self._replicator.raise_failures()
+        overwrite = force  # followers: the leader alone checks the target (it commits)
+        if self._role.leader:
+            self._dir.check_lock()
+            overwrite = self._make_room(step, force)
         extra = {
             "run_id": self.run_id,
             "step": step,
             "metrics": encode_metrics(metrics),
         }
-        future = self._saver.save(state, path, metadata=metadata, overwrite=force, extra_info=extra)
+        future = self._saver.save(
+            state, self._dir.target(step), metadata=metadata, overwrite=overwrite, extra_info=extra
+        )
         self._pending = (step, future)
         self._last_save_time = time.monotonic()
         if self._preemption.requested:
-            self._preemption_saved = True
             self._collect(block=True)  # a preemption save is durable before save() returns
+            if self._replicator is not None:
+                self._replicator.wait()  # ... on the replica too: the node may not come back
+            self._preemption_saved = True
         else:
             self._collect(block=False)
         return True
 
     def _collect(self, block: bool) -> None:
-        """Account for a finished save: index it, then apply retention (after the commit)."""
+        """Account for a finished save: index it, replicate it if due, then apply retention
+        (after the commit)."""
         if self._pending is None or (not block and not self._pending[1].done()):
             return
+        if not block and self._role.distributed and self._saver.asynchronous:
+            return  # settling is collective: only where every rank blocks (save, wait, close)
         step, _ = self._pending
         self._pending = None
         self._saver.wait()  # the saver's one in-flight save is this one; raises its failure
-        self._scan.records[step] = read_record(self.path(step), step)
+        self._scan.records[step] = read_record(self._dir.checkpoint(step), step)
+        if not self._role.leader:
+            return  # retention and replication are the leader's
+        self._saves_collected += 1
+        if self._replicator is not None and self._scan.records[step].status == "committed":
+            due = self._saves_collected % self.replicate_every == 0
+            if due or self._preemption.requested:
+                self._replicator.submit(step, self.path(step))
         self._apply_retention()
 
-    def _make_room(self, step: int, force: bool) -> None:
-        """A corrupt or incomplete directory in the way is moved aside (never deleted)."""
+    def _make_room(self, step: int, force: bool) -> bool:
+        """A corrupt or incomplete directory in the way is moved aside (never deleted) on a
+        local disk; on an object store the save replaces it. Returns the overwrite flag."""
         record = self._scan.records.get(step)
         if record is None or record.status == "committed":
-            return
-        aside = f"{record.path}.corrupt-{uuid.uuid4().hex[:8]}"
-        os.rename(record.path, aside)
-        fsync_dir(self.directory)
-        warnings.warn(f"statevault: moved damaged {record.path} aside to {aside}", stacklevel=3)
+            return force
+        if self._dir.move_aside(record.path) is None:
+            del self._scan.records[step]
+            return force or record.status == "corrupt"
         del self._scan.records[step]
+        return force
 
-    def _protected(self) -> dict[int, str]:
-        protected: dict[int, str] = {}
-        latest = self.latest_step()
-        if latest is not None:
-            protected[latest] = "newest"
-        if self._resumed_step is not None and self._resumed_step == latest:
-            protected[self._resumed_step] = "resumed from (until a newer one is committed)"
-        return protected
-
-    def _own_records(self) -> list[CheckpointRecord]:
-        """Checkpoints this run wrote; another run's copied here are never ours to delete."""
-        return [r for r in self._scan.records.values() if r.run_id == self.run_id]
+    def should_save(self, step: int) -> bool:
+        """Whether ``step`` is due: an interval is reached, or a preemption signal arrived. In a
+        distributed job every rank gets the same answer (role.py): one small collective."""
+        wanted = super().should_save(step)
+        pending_preemption = self._preemption.requested and not self._preemption_saved
+        due, preempting = self._role.agree_to_save(wanted, pending_preemption)
+        if preempting and not self._preemption.requested:
+            self._preemption.request()  # another rank was signalled: save together, then stop
+        return due
 
     def _apply_retention(self) -> None:
+        if not self._role.leader:
+            return
         _, deletable = decide(self._own_records(), self.retention, self._protected())
         for step in deletable:
             record = self._scan.records[step]
             logger.info("statevault: retention deletes %s", record.path)
-            commit.delete_committed(record.path)
+            self._dir.delete(record.path)
             del self._scan.records[step]
 
     def annotate(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Attach metrics (e.g. evaluation results) to a committed checkpoint; they count for
         best-K retention. Stored beside the manifest, which stays untouched."""
         self._check_open()
+        if not self._role.leader:
+            return  # the leader writes the run's side files
         record = self._committed_record(step)
-        merged = {**read_annotations(record.path), **plain_metrics(metrics)}
-        target = os.path.join(record.path, ANNOTATIONS_FILE)
-        tmp = f"{target}{commit.TMP_MARKER}{uuid.uuid4().hex[:8]}"
-        with LocalStorage().open_write(tmp) as handle:
-            handle.write(memoryview(annotations_bytes(merged)))
-        os.replace(tmp, target)
-        fsync_dir(record.path)
+        where = self._dir.checkpoint(step)
+        merged = {**read_annotations(where), **plain_metrics(metrics)}
+        self._dir.write_side_file(record.path, ANNOTATIONS_FILE, annotations_bytes(merged))
         record.metrics.update(plain_metrics(metrics))
         self._apply_retention()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until the save in flight is durable; raises its error if it failed."""
+        """Block until the save in flight is durable and every replication it started is
+        committed; raises a background failure."""
         self._check_open()
         self._collect(block=True)
+        if self._replicator is not None:
+            self._replicator.wait()
+            self._apply_retention()  # what was kept only while it was being copied
 
     def prepare(self, state: Mapping[str, Any]) -> None:
         """Make async staging memory ready for ``state`` in the background (restore does it)."""
         self._saver.prepare(state)
 
     def close(self) -> None:
-        """Wait for the save in flight, then release the run. Raises a background failure."""
+        """Wait for the save in flight and for replication, then release the run. Raises a
+        background failure."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
         try:
             self._collect(block=True)
         finally:
-            self._saver.close()
-            self._preemption.uninstall()
-            self._lock.release()
+            try:
+                if self._replicator is not None:
+                    self._replicator.close()
+                    self._apply_retention()
+            finally:
+                self._saver.close()
+                self._preemption.uninstall()
+                if self._role.leader:
+                    self._release_locks()
 
     def _check_open(self) -> None:
         if self._closed:

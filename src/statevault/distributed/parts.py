@@ -1,0 +1,218 @@
+"""Parts: what each rank reports of its share of a distributed save, and the merge into one
+manifest.
+
+Every rank writes its shard files, then a small part object beside them
+(``part-r<rank><tag>.json``): the files, the tensor rows of the leaves it wrote, the geometry of
+its chunks and its per-rank subtrees. The coordinator (rank 0) collects the parts from the
+storage itself, so that committing needs no collective call from a background thread; it
+merges them (:func:`merge`), checks every sharded tensor's chunk geometry, deletes the parts and
+writes the manifest. Parts are read as untrusted JSON: a malformed one fails the save.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from statevault.distributed.geometry import Box, GeometryError, check_chunks
+from statevault.engine.plan import SavePlan
+from statevault.errors import DistributedSaveError
+from statevault.format.manifest import ChunkEntry, FileEntry, Manifest, ShardedEntry, TensorEntry
+
+
+@dataclass
+class Part:
+    """One rank's report. ``error`` is set instead of the rest when the rank's share failed."""
+
+    rank: int
+    error: str | None = None
+    files: list[FileEntry] = field(default_factory=list)
+    rows: dict[int, TensorEntry] = field(default_factory=dict)  # leaf index -> its row
+    chunks: dict[int, dict[str, Any]] = field(default_factory=dict)  # leaf -> geometry
+    per_rank: list[Any] = field(default_factory=list)  # this rank's per-rank subtrees, in order
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        doc = {
+            "rank": self.rank,
+            "error": self.error,
+            "files": [asdict(f) for f in self.files],
+            "rows": {str(k): _row_json(v) for k, v in self.rows.items()},
+            "chunks": {str(k): v for k, v in self.chunks.items()},
+            "per_rank": self.per_rank,
+            "timings": self.timings,
+        }
+        return json.dumps(doc, allow_nan=False).encode("ascii")
+
+
+def _row_json(row: TensorEntry) -> dict[str, Any]:
+    doc = asdict(row)
+    doc["shape"] = list(row.shape)
+    doc["blocks"] = list(row.blocks)
+    return doc
+
+
+def part_from_json(data: bytes, rank: int) -> Part:
+    try:
+        doc = json.loads(data)
+        if doc["rank"] != rank:
+            raise ValueError(f"says it is rank {doc['rank']}")
+        return Part(
+            rank=rank,
+            error=None if doc["error"] is None else str(doc["error"]),
+            files=[FileEntry(**f) for f in doc["files"]],
+            rows={int(k): _row(v) for k, v in doc["rows"].items()},
+            chunks={int(k): dict(v) for k, v in doc["chunks"].items()},
+            per_rank=list(doc["per_rank"]),
+            timings={str(k): float(v) for k, v in doc["timings"].items()},
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DistributedSaveError(
+            f"the part written by rank {rank} is malformed ({exc})"
+        ) from None
+
+
+def _row(doc: dict[str, Any]) -> TensorEntry:
+    doc = dict(doc)
+    doc["shape"] = tuple(doc["shape"])
+    doc["blocks"] = tuple(doc.get("blocks", ()))
+    return TensorEntry(**doc)
+
+
+def per_rank_locals(tree: Any) -> list[Any]:
+    """This rank's per-rank subtrees, in the order :func:`merge` meets their placeholders."""
+    found: list[Any] = []
+
+    def walk(value: Any) -> None:
+        if type(value) is list:
+            for item in value:
+                walk(item)
+        elif type(value) is dict:
+            if value.get("$") == "per_rank" and "local" in value:
+                found.append(value["local"])
+                return
+            for item in value.values():
+                walk(item)
+
+    walk(tree)
+    return found
+
+
+def merge(plan: SavePlan, parts: list[Part], where: str) -> Manifest:
+    """One manifest from every rank's part; ``plan`` is the coordinator's own (the shared part
+    of the tree is the same on every rank: checked before anything was written)."""
+    files = sorted((f for part in parts for f in part.files), key=lambda f: f.name)
+    tensors: list[TensorEntry] = []
+    row_id: dict[tuple[int, int], int] = {}
+    for part in parts:
+        for leaf, row in sorted(part.rows.items()):
+            row_id[(part.rank, leaf)] = len(tensors)
+            tensors.append(row)
+    shared_id = _shared_ids(plan, parts, row_id, where)
+    sharded, sharded_id = _sharded_entries(plan, parts, tensors, row_id, where)
+
+    def rewrite(node: Any, rank: int) -> Any:
+        return _rewrite(node, rank, plan.shared_count, shared_id, sharded_id, row_id, parts)
+
+    tree = rewrite(copy.deepcopy(plan.tree), 0)
+    return Manifest(files, tensors, tree, plan.metadata, sharded=sharded, ranks=len(parts))
+
+
+def _shared_ids(
+    plan: SavePlan, parts: list[Part], row_id: dict[tuple[int, int], int], where: str
+) -> dict[int, int]:
+    """The tensor id of every replicated leaf: exactly one rank must have written it."""
+    ids: dict[int, int] = {}
+    for leaf_index in range(plan.shared_count):
+        if plan.leaves[leaf_index].shard is not None:
+            continue
+        writers = [p.rank for p in parts if (p.rank, leaf_index) in row_id]
+        if len(writers) != 1:
+            raise DistributedSaveError(
+                f"{where}: tensor {plan.leaves[leaf_index].path} was written by ranks {writers}, "
+                "not by exactly one"
+            )
+        ids[leaf_index] = row_id[(writers[0], leaf_index)]
+    return ids
+
+
+def _sharded_entries(
+    plan: SavePlan,
+    parts: list[Part],
+    tensors: list[TensorEntry],
+    row_id: dict[tuple[int, int], int],
+    where: str,
+) -> tuple[list[ShardedEntry], dict[int, int]]:
+    entries: list[ShardedEntry] = []
+    ids: dict[int, int] = {}
+    for leaf_index, leaf in enumerate(plan.leaves):
+        if leaf.shard is None:
+            continue
+        chunks = [
+            ChunkEntry(tuple(p.chunks[leaf_index]["offsets"]), row_id[(p.rank, leaf_index)])
+            for p in parts
+            if leaf_index in p.chunks
+        ]
+        shape = leaf.shard.global_shape
+        boxes = [Box(c.offsets, tensors[c.tensor].shape) for c in chunks]
+        try:
+            check_chunks(shape, boxes)
+        except GeometryError as exc:
+            raise DistributedSaveError(
+                f"{where}: the pieces of {leaf.path} saved by the ranks do not tile its shape "
+                f"{list(shape)}: {exc}"
+            ) from None
+        ids[leaf_index] = len(entries)
+        entries.append(
+            ShardedEntry(
+                leaf.path,
+                leaf.adapter.framework,
+                leaf.spec.dtype,
+                shape,
+                tuple(chunks),
+                dict(leaf.shard.attrs),
+            )
+        )
+    return entries, ids
+
+
+def _rewrite(
+    node: Any,
+    rank: int,
+    shared_count: int,
+    shared_id: dict[int, int],
+    sharded_id: dict[int, int],
+    row_id: dict[tuple[int, int], int],
+    parts: list[Part],
+) -> Any:
+    """Replace leaf numbers by manifest ids, and per-rank placeholders by every rank's branch."""
+
+    def walk(value: Any, owner: int, slots: list[int]) -> Any:
+        if type(value) is list:
+            return [walk(v, owner, slots) for v in value]
+        if type(value) is not dict:
+            return value
+        tag = value.get("$")
+        if tag == "tensor":
+            leaf = value["id"]
+            return {
+                "$": "tensor",
+                "id": shared_id[leaf] if leaf < shared_count else row_id[(owner, leaf)],
+            }
+        if tag == "sharded":
+            return {"$": "sharded", "id": sharded_id[value["id"]]}
+        if tag == "per_rank" and "local" in value:
+            slot = slots[0]
+            slots[0] += 1
+            branches = []
+            for part in parts:
+                local = part.per_rank[slot] if slot < len(part.per_rank) else None
+                if local is None:
+                    raise DistributedSaveError(f"rank {part.rank} sent no per-rank state {slot}")
+                branches.append(walk(local, part.rank, [0]))
+            return {"$": "per_rank", "ranks": branches}
+        return {k: walk(v, owner, slots) for k, v in value.items()}
+
+    return walk(node, rank, [0])

@@ -1,0 +1,103 @@
+"""Ranged reads of parts of stored tensors, verified block by block.
+
+A load into another layout (resharding) or of a subtree needs only some bytes of a tensor. The
+writer records the running CRC32C of every tensor at each ``BLOCK_BYTES`` boundary, so a span is
+read widened to whole blocks, the CRC is continued from the value stored at the first block's
+start and compared with the value stored at the last block's end: every byte handed out is
+verified, and at most two partial blocks more than asked for are read.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+
+from statevault.engine.reader import CheckpointReader
+from statevault.errors import CorruptCheckpointError
+from statevault.format.checksum import crc32c_of, parse_checksum
+from statevault.format.manifest import BLOCK_BYTES, TensorEntry
+
+_READ_BYTES = 16 << 20
+
+
+class RegionReader:
+    """Reads byte spans of a checkpoint's tensors; counts what it read. Use as a context manager
+    (it keeps the shard files open) from any number of threads."""
+
+    def __init__(self, reader: CheckpointReader, verify: bool) -> None:
+        self.reader = reader
+        self.verify = verify
+        self.bytes_read = 0
+        self._files: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> RegionReader:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        for source in self._files.values():
+            source.close()  # type: ignore[attr-defined]
+        self._files.clear()
+
+    def _source(self, name: str) -> object:
+        with self._lock:
+            if name not in self._files:
+                try:
+                    self._files[name] = self.reader._open(name)
+                except (OSError, ValueError, Exception) as exc:  # _NotAFile is private there
+                    raise CorruptCheckpointError(
+                        f"{self.reader.location.url}: file {name} cannot be opened ({exc})"
+                    ) from None
+            return self._files[name]
+
+    def read_span(self, entry: TensorEntry, start: int, stop: int, out: memoryview) -> None:
+        """Fill ``out`` with bytes [start, stop) of the tensor ``entry``, verified."""
+        if stop <= start:
+            return
+        if not self.verify:
+            self._read(entry, start, out)
+            return
+        first_block, last_block = start // BLOCK_BYTES, (stop - 1) // BLOCK_BYTES
+        if len(entry.blocks) != entry.block_count() - 1:  # no block checksums: whole tensor
+            first_block, last_block = 0, entry.block_count() - 1
+        low = first_block * BLOCK_BYTES
+        high = min((last_block + 1) * BLOCK_BYTES, entry.nbytes)
+        exact = low == start and high == stop
+        buffer = out if exact else memoryview(bytearray(high - low))
+        self._read(entry, low, buffer)
+        checksum = crc32c_of(buffer, _running_crc(entry, first_block))
+        if checksum != _running_crc(entry, last_block + 1):
+            raise CorruptCheckpointError(
+                f"{self.reader.location.url} is damaged: tensor {entry.path} in {entry.file}: "
+                f"checksum mismatch in bytes [{low}, {high})"
+            )
+        if not exact:
+            out[:] = buffer[start - low : stop - low]
+
+    def _read(self, entry: TensorEntry, start: int, out: memoryview) -> None:
+        source = self._source(entry.file)
+        try:
+            for done in range(0, len(out), _READ_BYTES):
+                piece = out[done : done + _READ_BYTES]
+                source.read_into(entry.offset + start + done, piece)  # type: ignore[attr-defined]
+        except (OSError, EOFError) as exc:
+            raise CorruptCheckpointError(
+                f"{self.reader.location.url} is damaged: tensor {entry.path} in {entry.file}: "
+                f"read failed ({exc})"
+            ) from None
+        with self._lock:
+            self.bytes_read += len(out)
+
+
+def _running_crc(entry: TensorEntry, blocks_done: int) -> int:
+    """The CRC32C of the tensor's first ``blocks_done`` blocks, as the writer recorded it."""
+    if blocks_done == 0:
+        return 0
+    if blocks_done >= entry.block_count():
+        return parse_checksum(entry.checksum)
+    return parse_checksum(entry.blocks[blocks_done - 1])

@@ -1,0 +1,143 @@
+"""Read the tensors a load needs, each into the layout it is going to.
+
+    pick per-rank branches -> find DTensor destinations -> read plain tensors (fast path)
+    -> read boxes of targeted and sharded tensors (ranged, verified) -> values by node id
+
+Plain tensors with no DTensor destination take the reader's fast path (a mapped local file or
+parallel ranged reads). A tensor going to a DTensor is read only for the box this rank holds; a
+sharded tensor going anywhere else is assembled whole from its chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from statevault.adapters import adapter_named
+from statevault.distributed.geometry import Box
+from statevault.distributed.reshard import (
+    Logical,
+    box_entry,
+    plain_logical,
+    read_box,
+    sharded_logical,
+)
+from statevault.engine.regions import RegionReader
+from statevault.errors import CheckpointError, CorruptCheckpointError
+from statevault.format import tree as tree_codec
+
+if TYPE_CHECKING:
+    from statevault.checkpoint import OpenCheckpoint
+
+# Reads plain tensors by id on the reader's fast path: (ids) -> {id: value}
+PlainReader = Callable[[list[int]], dict[int, Any]]
+
+
+@dataclass
+class LoadedTensors:
+    """The values of a load's tensor nodes, by manifest id."""
+
+    plain: dict[int, Any] = field(default_factory=dict)
+    sharded: dict[int, Any] = field(default_factory=dict)
+    bytes_read: int = 0
+
+
+def read_tensors(
+    checkpoint: OpenCheckpoint,
+    node: Any,
+    into: Mapping[str, Any] | None,
+    device: str | None,
+    verify: bool,
+    pick_rank: Callable[[int], int],
+    read_plain: PlainReader,
+) -> LoadedTensors:
+    manifest = checkpoint.manifest
+    targets = _targets(checkpoint, node, into, pick_rank)
+    result = LoadedTensors()
+    plain_ids = sorted(tree_codec.tensor_ids(node) - {i for kind, i in targets if kind == "tensor"})
+    plain_ids = [i for i in plain_ids if 0 <= i < len(manifest.tensors)]
+    result.plain = read_plain(plain_ids)
+    sharded_ids = sorted(tree_codec.tensor_ids(node, tag="sharded"))
+    if not targets and not sharded_ids:
+        return result
+    with RegionReader(checkpoint.reader, verify) as regions:
+        for (kind, index), target in targets.items():
+            value = _read_into_layout(regions, _logical(checkpoint, kind, index), target)
+            (result.plain if kind == "tensor" else result.sharded)[index] = value
+        for index in sharded_ids:
+            if ("sharded", index) not in targets:
+                logical = _logical(checkpoint, "sharded", index)
+                result.sharded[index] = _read_whole(regions, logical, device)
+        result.bytes_read = regions.bytes_read
+    return result
+
+
+def _logical(checkpoint: OpenCheckpoint, kind: str, index: int) -> Logical:
+    manifest = checkpoint.manifest
+    count = len(manifest.tensors) if kind == "tensor" else len(manifest.sharded)
+    if not 0 <= index < count:
+        raise CorruptCheckpointError(f"{checkpoint.directory}: tree refers to {kind} {index}")
+    if kind == "tensor":
+        return plain_logical(manifest, index)
+    return sharded_logical(manifest, index)
+
+
+def _targets(
+    checkpoint: OpenCheckpoint,
+    node: Any,
+    into: Mapping[str, Any] | None,
+    pick_rank: Callable[[int], int],
+) -> dict[tuple[str, int], Any]:
+    """DTensor destinations whose global shape and dtype match what was saved."""
+    if into is None:
+        return {}
+    from statevault.distributed.dtensor import dtensor_class
+
+    if dtensor_class() is None:  # no DTensor can exist in this process
+        return {}
+    from statevault.distributed.targets import find_targets
+
+    fitting = {}
+    for key, target in find_targets(into, node, pick_rank).items():
+        try:
+            logical = _logical(checkpoint, *key)
+        except CorruptCheckpointError:
+            continue  # the decoder names the bad reference
+        same_dtype = str(target.dtype).removeprefix("torch.") == logical.entry.dtype
+        if tuple(target.shape) == logical.shape and same_dtype:
+            fitting[key] = target
+    return fitting
+
+
+def _allocate(logical: Logical, box: Box) -> tuple[Any, memoryview, Any]:
+    entry = box_entry(logical, box)
+    adapter = adapter_named(entry.framework)
+    try:
+        array = adapter.allocate(entry)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CorruptCheckpointError(f"tensor {entry.path}: {exc}") from None
+    return array, adapter.writable_bytes(array), entry
+
+
+def _read_whole(regions: RegionReader, logical: Logical, device: str | None) -> Any:
+    box = Box((0,) * len(logical.shape), logical.shape)
+    array, view, entry = _allocate(logical, box)
+    read_box(regions, logical, box, view)
+    return adapter_named(entry.framework).finalize(array, entry, device)
+
+
+def _read_into_layout(regions: RegionReader, logical: Logical, target: Any) -> Any:
+    """This rank's box of ``logical``, as a DTensor laid out like ``target``."""
+    from statevault.distributed.dtensor import local_box, wrap_local
+
+    if logical.entry.framework != "torch":
+        raise CheckpointError(
+            f"tensor {logical.entry.path}: saved as {logical.entry.framework} arrays, "
+            "cannot be restored into a DTensor"
+        )
+    box = local_box(target)
+    array, view, entry = _allocate(logical, box)
+    read_box(regions, logical, box, view)
+    local = adapter_named("torch").finalize(array, entry, None)
+    return wrap_local(local.detach(), target)
