@@ -1,8 +1,7 @@
 """The physical floors every checkpointer is measured against, in the same run.
 
 - write floor: the state's bytes from one contiguous host buffer, one sequential pass of 16 MiB
-  ``write`` calls into a fresh file, then ``fsync``: the fastest way to make those bytes durable
-  on this disk;
+  ``write`` calls into a fresh file, then ``fsync``: one plain (buffered) sequential write;
 - copy floor: every state tensor copied into preallocated, already-faulted host buffers (CPU:
   one single-threaded memcpy per tensor; CUDA: non-blocking copies into pinned buffers and one
   synchronize): the least a save must stall training for, since training mutates the state
@@ -11,12 +10,16 @@
   benchmark cannot drop caches, so every load in the table is a warm-cache load too); on CUDA
   also read + one host-to-device copy into a preallocated device buffer.
 
-Two references that are not floors help to read the table: torch's own ``copy_`` of the state
-(its intra-op threads) and the cost of faulting in fresh host memory of the state's size.
+References that are not floors help to read the table: the same write with ``O_DIRECT`` (past the
+page cache, from the same page-aligned buffer: what the disk does when the page cache is out of
+the way), torch's own ``copy_`` of the state (its intra-op threads) and the cost of faulting in
+fresh host memory of the state's size.
 """
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import threading
 import time
@@ -31,9 +34,11 @@ IO_CHUNK = 16 << 20
 
 
 def contiguous_bytes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One host uint8 buffer holding the bytes of ``tensors`` back to back (pages faulted in)."""
+    """One host uint8 buffer holding the bytes of ``tensors`` back to back (pages faulted in),
+    page-aligned (an anonymous mapping) so that it can also be written with ``O_DIRECT``."""
     total = sum(t.numel() * t.element_size() for t in tensors)
-    buffer = torch.empty(total, dtype=torch.uint8)
+    memory = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = torch.frombuffer(memory, dtype=torch.uint8, count=total)
     offset = 0
     for tensor in tensors:
         size = tensor.numel() * tensor.element_size()
@@ -58,6 +63,29 @@ def write_floor(buffer: torch.Tensor, path: str) -> float:
     return time.perf_counter() - started
 
 
+def direct_write(buffer: torch.Tensor, path: str) -> float:
+    """Seconds to write ``buffer`` (page-aligned) into a fresh file with ``O_DIRECT`` in 16 MiB
+    calls (the last partial page buffered), then ``fsync``. OSError where the filesystem refuses
+    ``O_DIRECT``."""
+    view = memoryview(buffer.numpy()).cast("B")
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        aligned = len(view) // 4096 * 4096
+        offset = 0
+        while offset < aligned:
+            offset += os.write(fd, view[offset : min(offset + IO_CHUNK, aligned)])
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        while offset < len(view):
+            offset += os.write(fd, view[offset:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
+
+
 def read_floor(path: str, buffer: torch.Tensor) -> float:
     """Seconds to read the file at ``path`` into the preallocated ``buffer`` (warm cache)."""
     view = memoryview(buffer.numpy()).cast("B")
@@ -73,6 +101,24 @@ def read_floor(path: str, buffer: torch.Tensor) -> float:
     finally:
         os.close(fd)
     return time.perf_counter() - started
+
+
+def warm_page_cache(path: str) -> None:
+    """Read every file under ``path`` once (untimed), so that every loader meets a warm page
+    cache whatever its saver did (statevault writes past the page cache with O_DIRECT)."""
+    scratch = bytearray(IO_CHUNK)
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    )
+    for name in files:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            while os.readv(fd, [scratch]):
+                pass
+        finally:
+            os.close(fd)
 
 
 def h2d_targets(buffer: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:

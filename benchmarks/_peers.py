@@ -467,6 +467,24 @@ class StatevaultSync(Peer):
         return sv.load(path, device=device, verify=self.verify)
 
 
+class StatevaultBuffered(StatevaultSync):
+    """statevault's sync save with O_DIRECT turned off: the buffered path, for comparison."""
+
+    name = "statevault sync, O_DIRECT off"
+    note = "STATEVAULT_DIRECT_IO=0: buffered writes through the page cache (comparison)"
+
+    def save(self, state: Any, path: str) -> SaveTiming:
+        previous = os.environ.get("STATEVAULT_DIRECT_IO")
+        os.environ["STATEVAULT_DIRECT_IO"] = "0"
+        try:
+            return super().save(state, path)
+        finally:
+            if previous is None:
+                del os.environ["STATEVAULT_DIRECT_IO"]
+            else:
+                os.environ["STATEVAULT_DIRECT_IO"] = previous
+
+
 class StatevaultInto(Peer):
     """Restore into an existing state: a zero-filled twin of it, so that the check means it."""
 

@@ -142,6 +142,11 @@ class Floors:
         cuda = bench.device == "cuda"
         self.write = bench.add(Row("floor.write", "raw write floor", "floor", floor="write"))
         self.write.note = "one contiguous buffer, sequential 16 MiB writes + fsync, fresh file"
+        self.direct = bench.add(Row("ref.direct_write", "raw O_DIRECT write (reference)", "floor"))
+        self.direct.note = (
+            "reference, not a floor: the same write with O_DIRECT (no page cache), + fsync; "
+            "sampled beside every write floor sample"
+        )
         label = "pinned D2H copy floor" if cuda else "memcpy floor"
         self.copy = bench.add(Row("floor.copy", label, "floor", floor="copy"))
         self.copy.note = (
@@ -192,8 +197,21 @@ class Floors:
         remove(self.raw)
         path = self.bench.fresh(f"raw-{self.rounds}")
         self.rounds += 1
+        if self.direct.error is None and self.rounds % 2 == 0:  # alternate which goes first
+            self.direct_sample()
         self.write.times.append(_floors.write_floor(self.buffer, path))
         self.raw = path
+        if self.direct.error is None and self.rounds % 2 == 1:
+            self.direct_sample()
+
+    def direct_sample(self) -> None:
+        path = self.bench.fresh(f"direct-{self.rounds}")
+        try:
+            self.direct.times.append(_floors.direct_write(self.buffer, path))
+        except OSError as exc:
+            self.direct.error, self.direct.times = f"O_DIRECT refused here: {exc}", []
+        finally:
+            remove(path)
 
     def read_sample(self) -> None:
         assert self.raw is not None
@@ -207,7 +225,7 @@ class Floors:
     def close(self) -> None:
         remove(self.raw)
         self.raw = None
-        for row in (self.write, self.copy, self.read, self.h2d):
+        for row in (self.write, self.direct, self.copy, self.read, self.h2d):
             if row is not None:
                 row.note += f" ({len(row.times)} samples)"
         del self.buffer, self.targets
@@ -272,6 +290,7 @@ def run_sync(
             if path is None:
                 continue
             if last:
+                _floors.warm_page_cache(path)  # every loader alike: loads are warm-cache loads
                 floors.read_sample()
                 for load_key, _what, loader in peer.loads:
                     run_loads(bench, loader, load_rows[load_key], path, log)
@@ -600,6 +619,7 @@ def run_all(bench: Bench, log: Callable[[str], None]) -> None:
                 ],
             )
         )
+        peers.append(SyncPeer("statevault_buffered", _peers.StatevaultBuffered(device), []))
         if missing_tc is not None:
             for key, what, group in (
                 ("save.torch_checkpointing", "torch-checkpointing sync", "save"),
@@ -645,11 +665,18 @@ def targets(bench: Bench) -> list[dict[str, Any]]:
 
     sync = ratio_of("save.statevault")
     check(f"sync save <= {SYNC_LIMIT}x write floor", sync, SYNC_LIMIT, fmt(sync))
+    direct = bench.row("ref.direct_write")
+    sv_sync = bench.row("save.statevault")
+    if direct is not None and direct.seconds and sv_sync is not None and sv_sync.seconds:
+        value = sv_sync.seconds / direct.seconds
+        check("(no target) sync save vs the raw O_DIRECT write", value, None, fmt(value))
+    buffered = ratio_of("save.statevault_buffered")
+    check("(no target) sync save, O_DIRECT off, vs write floor", buffered, None, fmt(buffered))
     sv = bench.row("save.statevault")
     peers = [
         r
         for r in bench.rows
-        if r.group == "save" and r.key != "save.statevault" and r.seconds is not None
+        if r.group == "save" and not r.key.startswith("save.statevault") and r.seconds is not None
     ]
     if sv is not None and sv.seconds is not None and peers:
         fastest = min(peers, key=lambda r: r.seconds or 0.0)

@@ -7,11 +7,22 @@ work once shutdown has begun.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
+MAX_THREADS = 8
+
+
+def cpu_threads() -> int:
+    """Threads worth running CPU-bound work in: the CPUs this process may use, at most 8."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, count))
 
 
 def run_parallel(calls: Sequence[Callable[[], T]], name: str) -> list[T]:

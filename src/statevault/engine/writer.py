@@ -4,22 +4,27 @@ Large leaves are written in chunks straight from the staged buffers (the chunk's
 computed just before it is written, while it is hot in cache: no separate pass over memory);
 small leaves are coalesced into one buffer so a shard of many tiny tensors costs few syscalls.
 Files are written in parallel threads (writes and CRC32C release the GIL) and fsynced once each.
+On a local filesystem that accepts it, a shard goes out with O_DIRECT through aligned bounce
+buffers (engine/direct_io: measured steadier and faster than the page cache on the development
+VM); elsewhere, or with ``STATEVAULT_DIRECT_IO=0``, through the page cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from statevault.engine import direct_io
 from statevault.engine.parallel import run_parallel
 from statevault.format import dtypes
 from statevault.format.checksum import crc32c_of, format_checksum
-from statevault.format.manifest import FileEntry, TensorEntry
+from statevault.format.manifest import BLOCK_BYTES, FileEntry, TensorEntry
 from statevault.format.safetensors_io import HeaderEntry, encode_header
 from statevault.storage.base import Storage, WriteHandle
 
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = BLOCK_BYTES  # a chunk ends on a block boundary: its running CRC is a block's
 COALESCE_BYTES = 4 << 20
 
 
@@ -73,30 +78,45 @@ def write_file(
     shard_metadata: dict[str, str],
 ) -> tuple[FileEntry, list[TensorEntry]]:
     header = encode_header(_header_entries(tensors), shard_metadata)
+    size = len(header) + sum(len(t.data) for t in tensors)
+    with storage.open_write(path) as handle:
+        direct = direct_io.open_sink(handle, size)  # None: buffered writes (see direct_io)
+        with direct if direct is not None else contextlib.nullcontext():
+            rows = _write_payload(direct or handle, header, name, tensors, direct is None)
+    return FileEntry(name, size, len(header), format_checksum(crc32c_of(header))), rows
+
+
+def _write_payload(
+    out: WriteHandle | direct_io.DirectSink,
+    header: bytes,
+    name: str,
+    tensors: Sequence[PendingTensor],
+    coalesce: bool,
+) -> list[TensorEntry]:
+    """Write the header, then every tensor (checksummed as it goes); return the tensor rows."""
     rows: list[TensorEntry] = []
     offset = len(header)
-    with storage.open_write(path) as handle:
-        handle.write(memoryview(header))
-        sink = _CoalescingSink(handle)
-        for tensor in tensors:
-            checksum = sink.write_checksummed(tensor.data)
-            rows.append(
-                TensorEntry(
-                    path=tensor.path,
-                    framework=tensor.framework,
-                    dtype=tensor.dtype,
-                    shape=tensor.shape,
-                    file=name,
-                    offset=offset,
-                    nbytes=len(tensor.data),
-                    checksum=format_checksum(checksum),
-                    attrs=dict(tensor.attrs),
-                )
+    out.write(memoryview(header))
+    sink = _CoalescingSink(out, COALESCE_BYTES if coalesce else 0)
+    for tensor in tensors:
+        checksum, blocks = sink.write_checksummed(tensor.data)
+        rows.append(
+            TensorEntry(
+                path=tensor.path,
+                framework=tensor.framework,
+                dtype=tensor.dtype,
+                shape=tensor.shape,
+                file=name,
+                offset=offset,
+                nbytes=len(tensor.data),
+                checksum=format_checksum(checksum),
+                attrs=dict(tensor.attrs),
+                blocks=tuple(format_checksum(b) for b in blocks),
             )
-            offset += len(tensor.data)
-        sink.flush()
-    entry = FileEntry(name, offset, len(header), format_checksum(crc32c_of(header)))
-    return entry, rows
+        )
+        offset += len(tensor.data)
+    sink.flush()
+    return rows
 
 
 def _header_entries(tensors: Sequence[PendingTensor]) -> list[HeaderEntry]:
@@ -119,23 +139,31 @@ def _header_entries(tensors: Sequence[PendingTensor]) -> list[HeaderEntry]:
 
 
 class _CoalescingSink:
-    def __init__(self, handle: WriteHandle) -> None:
+    """Small tensors are gathered into one buffer up to ``coalesce`` bytes (0: never, for a
+    direct sink, which buffers everything itself)."""
+
+    def __init__(self, handle: WriteHandle | direct_io.DirectSink, coalesce: int) -> None:
         self.handle = handle
+        self.coalesce = coalesce
         self.buffer = bytearray()
 
-    def write_checksummed(self, data: memoryview) -> int:
-        if len(data) < COALESCE_BYTES:
+    def write_checksummed(self, data: memoryview) -> tuple[int, list[int]]:
+        """Write ``data``; return its CRC32C and the running CRC at each inner block boundary."""
+        if len(data) < self.coalesce:
             self.buffer += data
-            if len(self.buffer) >= COALESCE_BYTES:
+            if len(self.buffer) >= self.coalesce:
                 self.flush()
-            return crc32c_of(data)
+            return crc32c_of(data), []
         self.flush()
         checksum = 0
+        boundaries: list[int] = []
         for start in range(0, len(data), CHUNK_BYTES):
             chunk = data[start : start + CHUNK_BYTES]
             checksum = crc32c_of(chunk, checksum)
             self.handle.write(chunk)
-        return checksum
+            if start + CHUNK_BYTES < len(data):
+                boundaries.append(checksum)
+        return checksum, boundaries
 
     def flush(self) -> None:
         if self.buffer:
