@@ -319,3 +319,49 @@ def solo_dtensor(rank: int, world: int, path: str) -> dict[str, Any]:
         "saved": full_state(stateful, opt),
         "restored": full_state(fresh_stateful, fresh_opt),
     }
+
+
+class Position:
+    """A data-loader position: a Stateful that differs per rank."""
+
+    def __init__(self, batch: int = 0) -> None:
+        self.batch = batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch = state["batch"]
+
+
+def per_rank_into(rank: int, world: int, path: str) -> int:
+    """Save each rank's position, then restore it into a fresh object through sv.PerRank."""
+    sv.save({"loader": sv.PerRank(Position(50 + rank))}, path)
+    fresh = Position()
+    sv.load(path, into={"loader": sv.PerRank(fresh)})
+    return fresh.batch
+
+
+def format2_fixture(rank: int, world: int, path: str) -> None:
+    """A small format-2 checkpoint: a DTensor in two chunks, per-rank state, a plain tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(3)
+    w = distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)])
+    sv.save({"w": w, "pos": sv.PerRank({"i": rank}), "c": torch.arange(5.0)}, path)
+
+
+def s3_save_and_reshard(
+    rank: int, world: int, url: str, options: dict[str, Any], save: bool
+) -> dict[str, Any]:
+    """FSDP2 state saved straight to an S3 bucket (no rename: manifest last), then loaded."""
+    trained, stateful = _build("fsdp", world)
+    opt = torch.optim.AdamW(trained.parameters(), lr=0.01)
+    if save:
+        train(trained, opt, range(2), rank, world)
+        sv.save({"model": stateful, "optimizer": opt, "step": 2}, url, storage_options=options)
+    else:
+        sv.load(url, into={"model": stateful, "optimizer": opt}, storage_options=options)
+    return full_state(stateful, opt)

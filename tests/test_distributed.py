@@ -185,3 +185,22 @@ def test_sharded_state_in_a_single_process_job(tmp_path: Path) -> None:
     # 6 parameters and their 12 Adam moments, each a DTensor
     assert result["sharded"] == 18 and result["version"] == 2
     assert_same(result["restored"], result["saved"])
+
+
+def test_per_rank_stateful_restores_through_its_wrapper(tmp_path: Path) -> None:
+    assert run_ranks(work.per_rank_into, 2, str(tmp_path / "pos")) == [50, 51]
+
+
+@pytest.mark.s3
+def test_distributed_save_to_an_object_store_and_reshard(s3_bucket: Any) -> None:
+    from tests.s3_server import objects_under
+
+    url = f"{s3_bucket.url}/run/step_2"
+    options = dict(s3_bucket.storage_options)
+    saved = run_ranks(work.s3_save_and_reshard, 2, url, options, True)
+    names = sorted(objects_under(s3_bucket.fs, url.removeprefix("s3://")))
+    assert "manifest.json" in names
+    assert not [n for n in names if n.startswith("part-")]  # reports deleted before commit
+    assert {n.split("-")[1] for n in names if n.startswith("data-")} == {"r00000", "r00001"}
+    loaded = run_ranks(work.s3_save_and_reshard, 3, url, options, False)
+    assert_same(loaded[1], saved[0])

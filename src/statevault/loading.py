@@ -77,7 +77,8 @@ def _logical(checkpoint: OpenCheckpoint, kind: str, index: int) -> Logical:
     manifest = checkpoint.manifest
     count = len(manifest.tensors) if kind == "tensor" else len(manifest.sharded)
     if not 0 <= index < count:
-        raise CorruptCheckpointError(f"{checkpoint.directory}: tree refers to {kind} {index}")
+        what = "tensor" if kind == "tensor" else "sharded tensor"
+        raise CorruptCheckpointError(f"{checkpoint.directory}: tree refers to {what} {index}")
     if kind == "tensor":
         return plain_logical(manifest, index)
     return sharded_logical(manifest, index)

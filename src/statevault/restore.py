@@ -25,6 +25,7 @@ from typing import Any
 from statevault.adapters import adapter_for
 from statevault.errors import StateMismatchError
 from statevault.format.tree import join_path
+from statevault.per_rank import PerRank
 from statevault.stateful import as_stateful
 
 
@@ -58,6 +59,9 @@ class _Fit:
 
 def compare(target: Any, loaded: Any, path: str, fit: _Fit) -> None:
     """Record in ``fit`` how ``loaded`` fails to fit ``target`` (see the module docstring)."""
+    if isinstance(target, PerRank):  # the loaded branch is this rank's own value
+        compare(target.value, loaded, path, fit)
+        return
     adapter = adapter_for(target)
     if adapter is not None:
         problem = adapter.mismatch(target, loaded)
@@ -129,6 +133,9 @@ def restore_into(into: Mapping[str, Any], loaded: Any, *, strict: bool) -> Loade
 
 
 def _apply(target: Any, loaded: Any, path: str, fit: _Fit) -> None:
+    if isinstance(target, PerRank):
+        _apply(target.value, loaded, path, fit)
+        return
     adapter = adapter_for(target)
     if adapter is not None:
         if adapter.mismatch(target, loaded) is None:

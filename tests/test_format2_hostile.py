@@ -1,0 +1,156 @@
+"""Format 2 (distributed checkpoints) read as hostile input: every inconsistency in sharded
+tensors, per-rank nodes, the world size and block checksums is a typed error, never a wrong
+tensor; and block checksums verify ranged reads."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import statevault as sv
+from statevault.checkpoint import open_checkpoint
+from statevault.engine.regions import RegionReader
+from statevault.format.manifest import BLOCK_BYTES
+from tests import dist_workloads as work
+from tests.dist_helpers import run_ranks
+from tests.hostile_helpers import attempt, flip_bit, read_body, rewrite_body, write_body
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("format2") / "ck"
+    run_ranks(work.format2_fixture, 2, str(path))
+    return path
+
+
+@pytest.fixture
+def ck(saved: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "ck"
+    shutil.copytree(saved, copy)
+    return copy
+
+
+def refused(ck: Path) -> str:
+    result = attempt(ck, outside=ck.parent)
+    text = result.raised(sv.CorruptCheckpointError)
+    result.verify_failed()
+    return text
+
+
+def test_the_fixture_is_format_2_and_loads(ck: Path) -> None:
+    body = read_body(ck)
+    assert body["ranks"] == 2 and len(body["sharded"]) == 1
+    assert len(body["sharded"][0]["chunks"]) == 2
+    with pytest.warns(UserWarning, match="saved by 2 processes"):
+        state = sv.load(ck)
+    torch.manual_seed(3)
+    assert torch.equal(state["w"], torch.randn(6, 4))
+    assert state["pos"] == {"i": 0} and sv.verify(ck).ok
+
+
+def _chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
+    chunks: list[dict[str, Any]] = body["sharded"][0]["chunks"]
+    return chunks
+
+
+CASES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
+    "overlapping chunks": (lambda b: _chunks(b)[1].update(offsets=[2, 0]), "overlap"),
+    "a missing chunk": (lambda b: _chunks(b).__delitem__(1), "cover"),
+    "a chunk out of bounds": (lambda b: _chunks(b)[1].update(offsets=[4, 0]), "spans"),
+    "a chunk offset of the wrong rank": (lambda b: _chunks(b)[1].update(offsets=[3]), "dims"),
+    "a chunk offset that is not an int": (lambda b: _chunks(b)[1].update(offsets=[3.0, 0]), "int"),
+    "a chunk in no tensor row": (lambda b: _chunks(b)[0].update(tensor=99), "not listed"),
+    "a chunk of another dtype": (lambda b: b["sharded"][0].update(dtype="float64"), "stored as"),
+    "a bigger global shape": (lambda b: b["sharded"][0].update(shape=[7, 4]), "cover"),
+    "no ranks": (lambda b: b.update(ranks=0), "ranks"),
+    "too many ranks": (lambda b: b.update(ranks=1 << 30), "ranks"),
+    "sharded missing": (lambda b: b.__delitem__("sharded"), "sharded"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_sharded_manifest_is_refused(ck: Path, case: str) -> None:
+    change, expected = CASES[case]
+    rewrite_body(ck, change)
+    assert expected in refused(ck)
+
+
+def test_a_per_rank_node_with_the_wrong_number_of_branches_is_refused(ck: Path) -> None:
+    def drop_branch(body: dict[str, Any]) -> None:
+        body["tree"]["v"]["pos"]["ranks"].pop()
+
+    rewrite_body(ck, drop_branch)
+    assert "1 branches, not 2" in refused(ck)
+
+
+def test_a_sharded_node_out_of_range_is_refused(ck: Path) -> None:
+    rewrite_body(ck, lambda b: b["tree"]["v"]["w"].update(id=5))
+    assert "sharded tensor 5" in refused(ck)
+
+
+def test_format_1_cannot_carry_sharded_tensors(ck: Path) -> None:
+    write_body(ck, read_body(ck), version=1)
+    assert "need format_version 2" in refused(ck)
+
+
+def test_a_damaged_chunk_is_detected(ck: Path) -> None:
+    row = open_checkpoint(ck).manifest.tensors[_chunks(read_body(ck))[1]["tensor"]]
+    flip_bit(ck / row.file, row.offset + 5, 3)
+    assert "checksum mismatch" in refused(ck)
+
+
+# --- block checksums: verified ranged reads ---------------------------------------------------
+
+
+@pytest.fixture
+def three_blocks(tmp_path: Path) -> Path:
+    path = tmp_path / "blocks"
+    sv.save({"big": torch.arange(3 * BLOCK_BYTES // 4, dtype=torch.float32)}, path)
+    return path
+
+
+def test_blocks_are_recorded_and_a_span_reads_only_its_blocks(three_blocks: Path) -> None:
+    checkpoint = open_checkpoint(three_blocks)
+    row = checkpoint.manifest.tensors[0]
+    assert len(row.blocks) == 2
+    out = bytearray(16)
+    with RegionReader(checkpoint.reader, verify=True) as regions:
+        regions.read_span(row, BLOCK_BYTES + 8, BLOCK_BYTES + 24, memoryview(out))
+        assert regions.bytes_read == BLOCK_BYTES  # the one block holding the span
+    expected = np.arange(3 * BLOCK_BYTES // 4, dtype=np.float32).tobytes()
+    assert bytes(out) == expected[BLOCK_BYTES + 8 : BLOCK_BYTES + 24]
+
+
+def test_damage_is_caught_in_the_block_read_and_only_there(three_blocks: Path) -> None:
+    checkpoint = open_checkpoint(three_blocks)
+    row = checkpoint.manifest.tensors[0]
+    flip_bit(three_blocks / row.file, row.offset + 2 * BLOCK_BYTES + 100, 0)
+    out = memoryview(bytearray(64))
+    with RegionReader(checkpoint.reader, verify=True) as regions:
+        regions.read_span(row, 0, 64, out)  # block 0 is intact
+        with pytest.raises(sv.CorruptCheckpointError, match=r"checksum mismatch in bytes"):
+            regions.read_span(row, 2 * BLOCK_BYTES, 2 * BLOCK_BYTES + 64, out)
+
+
+def test_a_forged_block_checksum_is_caught(three_blocks: Path) -> None:
+    def forge(body: dict[str, Any]) -> None:
+        body["tensors"][0]["blocks"][0] = "crc32c:00000000"
+
+    rewrite_body(three_blocks, forge)
+    checkpoint = open_checkpoint(three_blocks)
+    with (
+        RegionReader(checkpoint.reader, verify=True) as regions,
+        pytest.raises(sv.CorruptCheckpointError),
+    ):
+        regions.read_span(checkpoint.manifest.tensors[0], 0, 64, memoryview(bytearray(64)))
+
+
+def test_a_wrong_number_of_block_checksums_is_refused(three_blocks: Path) -> None:
+    rewrite_body(three_blocks, lambda b: b["tensors"][0]["blocks"].__delitem__(0))
+    assert "block checksums for 3 blocks" in refused(three_blocks)
