@@ -130,6 +130,10 @@ class SaveFuture:
     def done(self) -> bool:
         return self._future.done()
 
+    def failed(self) -> bool:
+        """Done, with an error (which ``result()`` raises)."""
+        return self._future.done() and self._future.exception() is not None
+
     def result(self, timeout: float | None = None) -> Manifest:
         return self._future.result(timeout)
 

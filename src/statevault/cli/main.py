@@ -8,6 +8,8 @@ Usage::
     statevault diff A B [--json]        what changed between two checkpoints
     statevault rm PATH... [--yes]       delete checkpoints (dry run without --yes)
     statevault gc RUN [--yes]           delete leftovers of crashed saves (dry run without --yes)
+    statevault export CKPT --to OUT     a checkpoint's arrays as safetensors (or --format hf)
+    statevault import SRC --to CKPT     a TF / safetensors / torch.save / DCP checkpoint
 
 Exit codes (scripts can rely on them)::
 
@@ -36,7 +38,17 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from statevault._version import __version__
-from statevault.cli import diff_cmd, gc_cmd, inspect_cmd, ls_cmd, render, rm_cmd, verify_cmd
+from statevault.cli import (
+    diff_cmd,
+    export_cmd,
+    gc_cmd,
+    import_cmd,
+    inspect_cmd,
+    ls_cmd,
+    render,
+    rm_cmd,
+    verify_cmd,
+)
 from statevault.cli.common import ExitCode, Handler, exit_codes_epilog
 from statevault.errors import CheckpointError, CorruptCheckpointError
 
@@ -50,6 +62,8 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     diff_cmd.register,
     rm_cmd.register,
     gc_cmd.register,
+    export_cmd.register,
+    import_cmd.register,
 )
 
 

@@ -24,7 +24,7 @@ from statevault.format.manifest import BLOCK_BYTES, FileEntry, TensorEntry
 from statevault.format.safetensors_io import HeaderEntry, encode_header
 from statevault.storage.base import Storage, WriteHandle
 
-CHUNK_BYTES = BLOCK_BYTES  # a chunk ends on a block boundary: its running CRC is a block's
+CHUNK_BYTES = 16 * BLOCK_BYTES  # a write; it ends on a block boundary
 COALESCE_BYTES = 4 << 20
 
 
@@ -148,24 +148,35 @@ class _CoalescingSink:
         self.buffer = bytearray()
 
     def write_checksummed(self, data: memoryview) -> tuple[int, list[int]]:
-        """Write ``data``; return its CRC32C and the running CRC at each inner block boundary."""
+        """Write ``data``; return its CRC32C and the running CRC at each inner block boundary
+        (computed block by block just before each chunk is written, while it is hot)."""
         if len(data) < self.coalesce:
             self.buffer += data
             if len(self.buffer) >= self.coalesce:
                 self.flush()
-            return crc32c_of(data), []
+            return _running_crcs(data, 0, len(data), 0, [])
         self.flush()
         checksum = 0
         boundaries: list[int] = []
         for start in range(0, len(data), CHUNK_BYTES):
-            chunk = data[start : start + CHUNK_BYTES]
-            checksum = crc32c_of(chunk, checksum)
-            self.handle.write(chunk)
-            if start + CHUNK_BYTES < len(data):
-                boundaries.append(checksum)
+            end = min(start + CHUNK_BYTES, len(data))
+            checksum, boundaries = _running_crcs(data, start, end, checksum, boundaries)
+            self.handle.write(data[start:end])
         return checksum, boundaries
 
     def flush(self) -> None:
         if self.buffer:
             self.handle.write(memoryview(self.buffer))
             self.buffer = bytearray()
+
+
+def _running_crcs(
+    data: memoryview, start: int, end: int, checksum: int, boundaries: list[int]
+) -> tuple[int, list[int]]:
+    """Continue the CRC of ``data`` over [start, end) (block-aligned ``start``), appending the
+    running CRC at every block boundary strictly inside ``data``."""
+    for block in range(start, end, BLOCK_BYTES):
+        checksum = crc32c_of(data[block : min(block + BLOCK_BYTES, end)], checksum)
+        if block + BLOCK_BYTES < len(data):
+            boundaries.append(checksum)
+    return checksum, boundaries

@@ -30,7 +30,7 @@ FORMAT_VERSION = 2  # the newest this code reads; writers write 1 unless a featu
 MAX_MANIFEST_BYTES = 1 << 30
 # Tensors longer than a block carry the running CRC32C at every block boundary ("blocks"), so a
 # ranged read of part of a tensor (resharding, a partial load) is verified without reading it all.
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 1 << 20
 _ENVELOPE = re.compile(
     rb'^\{"format":"statevault","format_version":(\d{1,9}),'
     rb'"checksum":"(crc32c:[0-9a-f]{8})","body":'

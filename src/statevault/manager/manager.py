@@ -258,6 +258,8 @@ class CheckpointManager(RunQueries, RunRestore):
         (after the commit)."""
         if self._pending is None or (not block and not self._pending[1].done()):
             return
+        if not block and self._pending[1].failed():
+            return  # a background failure is raised by the next save, wait or close
         if not block and self._role.distributed and self._saver.asynchronous:
             return  # settling is collective: only where every rank blocks (save, wait, close)
         step, _ = self._pending

@@ -1,0 +1,32 @@
+"""Interop: export statevault checkpoints as safetensors, import other tools' checkpoints.
+
+=========================  ==================================================================
+:func:`export_safetensors`  every array of a checkpoint (or a subtree) into one safetensors
+                            file, named by key path; sharded tensors consolidated; streamed
+:func:`export_hf`           the same as HF-style shards + ``model.safetensors.index.json``
+:func:`import_checkpoint`   a TensorFlow checkpoint, safetensors file, ``torch.save`` file or
+                            DCP directory -> a statevault checkpoint
+=========================  ==================================================================
+
+Example::
+
+    from statevault.interop import export_safetensors, import_checkpoint
+
+    export_safetensors("ckpt/step_1000", "model.safetensors", only="model")
+    import_checkpoint("tf_ckpt/ckpt-3", "ckpt/from_tf")
+
+Neither torch nor tensorflow is imported by this package until an import needs it.
+"""
+
+from statevault.interop.export import ExportReport, export_hf, export_safetensors
+from statevault.interop.importing import SOURCES, ImportReport, detect, import_checkpoint
+
+__all__ = [
+    "SOURCES",
+    "ExportReport",
+    "ImportReport",
+    "detect",
+    "export_hf",
+    "export_safetensors",
+    "import_checkpoint",
+]
