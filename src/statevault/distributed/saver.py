@@ -60,6 +60,7 @@ class _Proposal:
 class _Pending:
     future: Future[Manifest | None]
     url: str
+    job: _Job | None = None  # rank 0's: cleaned up at settle if nothing was committed
 
 
 class DistributedSaver(Saver):
@@ -131,7 +132,7 @@ class DistributedSaver(Saver):
                 future = self._executor().submit(self._share, job, last_piece, staged, started)
             else:
                 _run_into(future, lambda: self._share(job, last_piece, staged, started))
-        self._pending = _Pending(future, target.url)
+        self._pending = _Pending(future, target.url, job if group.rank == 0 else None)
         result: Future[Manifest] = Future()
         if not self.asynchronous:
             settled = self._settle()
@@ -243,7 +244,9 @@ class DistributedSaver(Saver):
             )
             manifest = job.commit(manifest)
         except BaseException as exc:
-            job.committer.abandon(job.written)
+            if self.group.size == 1:
+                job.committer.abandon(job.written)
+            # else: other ranks may still be writing; the temporary goes at settle
             logger.error("statevault: save of %s failed: %r", job.target.url, exc)
             raise
         job.timings["durable_s"] = time.perf_counter() - started
@@ -252,8 +255,9 @@ class DistributedSaver(Saver):
     def _report_failure(self, job: _Job, exc: BaseException) -> None:
         """Tell rank 0 at once (so it does not wait out the timeout); rank 0 cleans up."""
         if job.rank == 0:
-            job.committer.abandon(job.written)
-            return
+            if self.group.size == 1:
+                job.committer.abandon(job.written)
+            return  # other ranks may still be writing: the temporary goes at settle
         try:
             _write_part(job, Part(job.rank, error=f"{type(exc).__name__}: {exc}"))
         except Exception as report_error:  # the save fails anyway; say why rank 0 may wait
@@ -270,6 +274,13 @@ class DistributedSaver(Saver):
         pending, self._pending = self._pending, None
         if pending is None:
             return None
+        try:
+            return self._settle_outcomes(pending)
+        finally:
+            if pending.job is not None and self.group.size > 1 and not _committed(pending):
+                _abandon_when_quiet(pending.job)
+
+    def _settle_outcomes(self, pending: _Pending) -> Manifest | None:
         manifest: Manifest | None = None
         error: BaseException | None = None
         try:
@@ -414,3 +425,21 @@ def new_saver(*, asynchronous: bool, staging_budget_bytes: int | None = None) ->
             asynchronous=asynchronous, staging_budget_bytes=staging_budget_bytes
         )
     return Saver(asynchronous=asynchronous, staging_budget_bytes=staging_budget_bytes)
+
+
+def _committed(pending: _Pending) -> bool:
+    future = pending.future
+    return future.done() and future.exception() is None and future.result() is not None
+
+
+def _abandon_when_quiet(job: _Job) -> None:
+    """Remove an uncommitted save's temporary. Every live rank has finished writing by the time
+    it settles, but a rank that settles early (a dead peer) may race with a late writer: retry."""
+    for attempt in range(5):
+        try:
+            job.committer.abandon(job.written)
+            return
+        except OSError as exc:
+            if attempt == 4:
+                logger.error("statevault: could not remove %s: %r", job.written.url, exc)
+            time.sleep(0.2 * (attempt + 1))
