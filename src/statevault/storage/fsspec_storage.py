@@ -1,8 +1,11 @@
 """Any fsspec filesystem (s3://, gs://, abfs://, hdfs://, memory://...) as checkpoint storage.
 
 Objects are written through fsspec's buffered files: s3fs and its peers stream a large file as a
-multipart upload of ``PART_BYTES`` parts, so memory stays bounded by a part per file being
-written, never a whole shard. Reads are ranged (``cat_file(path, start, end)``): a load fetches
+multipart upload of ``PART_BYTES`` parts, never buffering a whole shard. Each upload holds about
+three parts at its peak (fsspec's buffer and the client's copies of the part being sent), and at
+most ``UPLOAD_CONCURRENCY`` uploads run at once per save (further files wait their turn), so a
+save's extra memory is bounded by about ``3 * PART_BYTES * UPLOAD_CONCURRENCY`` (192 MiB),
+whatever the size of the state. Reads are ranged (``cat_file(path, start, end)``): a load fetches
 the byte ranges it needs, not whole objects.
 
 Errors, two kinds. Transient ones (a dropped connection, a timeout, a throttling reply) are
@@ -18,8 +21,13 @@ does) or the save fails with nothing committed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
+import functools
+import os
 import posixpath
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -29,20 +37,52 @@ from statevault.errors import StorageError
 from statevault.format.names import MANIFEST_NAME
 
 PART_BYTES = 16 << 20
+UPLOAD_CONCURRENCY = int(os.environ.get("STATEVAULT_UPLOAD_CONCURRENCY", "4"))
 RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 0.2
 _FATAL_MARKERS = ("QuotaExceeded", "StorageFull", "InsufficientStorage", "AccountProblem")
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
 
 
+def _return_freed_memory() -> None:
+    """Give the part buffers an upload freed back to the OS (glibc keeps freed chunks of each
+    thread's arena resident, so without this the resident size grows with every writer thread
+    that ever uploaded, not with the parts in flight)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return getattr(libc, "malloc_trim", None)
+    except OSError:
+        return None
+
+
 class FsspecWriteHandle:
     def __init__(self, storage: FsspecStorage, path: str) -> None:
         self.storage = storage
         self.path = path
-        self.file: Any = storage.call(path, storage.fs.open, path, "wb", block_size=PART_BYTES)
+        storage.uploads.acquire()  # released by close or abort: bounds the parts in memory
+        self._slot = True
+        try:
+            self.file: Any = storage.call(path, storage.fs.open, path, "wb", block_size=PART_BYTES)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._slot:
+            self._slot = False
+            self.storage.uploads.release()
 
     def write(self, data: memoryview) -> None:
-        self.storage.call(self.path, self.file.write, data)
+        # In part-sized pieces, so fsspec's buffer never holds more than about one part.
+        for start in range(0, len(data), PART_BYTES):
+            self.storage.call(self.path, self.file.write, data[start : start + PART_BYTES])
 
     def close(self) -> None:
         """Completes the upload: the object exists, whole, once this returns. If the last part
@@ -52,6 +92,9 @@ class FsspecWriteHandle:
         except BaseException:
             self.abort()
             raise
+        finally:
+            self._release()
+            _return_freed_memory()
 
     def abort(self) -> None:
         """Abandon the upload (a multipart upload is aborted, nothing is published)."""
@@ -64,6 +107,7 @@ class FsspecWriteHandle:
                 self.file.close()
         with contextlib.suppress(Exception):
             self.storage.fs.rm_file(self.path)
+        self._release()
 
     def __enter__(self) -> FsspecWriteHandle:
         return self
@@ -88,6 +132,7 @@ class FsspecStorage:
     def __init__(self, fs: Any, protocol: str) -> None:
         self.fs = fs
         self.protocol = protocol
+        self.uploads = threading.BoundedSemaphore(max(1, UPLOAD_CONCURRENCY))
 
     def url(self, path: str) -> str:
         return f"{self.protocol}://{path}"
@@ -152,6 +197,16 @@ class FsspecStorage:
         if len(data) != len(view):
             raise EOFError(f"{self.url(path)} ended at byte {offset + len(data)}")
         view[:] = data
+
+    def read_range(self, path: str, offset: int, size: int) -> bytes:
+        """The ``size`` bytes at ``offset`` in one ranged request, as the filesystem returned
+        them (no copy); EOFError when the object is shorter."""
+        if size <= 0:
+            return b""
+        data = self.call_retrying(path, self.fs.cat_file, path, start=offset, end=offset + size)
+        if len(data) != size:
+            raise EOFError(f"{self.url(path)} ended at byte {offset + len(data)}")
+        return bytes(data) if not isinstance(data, bytes) else data
 
     def read_bytes(self, path: str, offset: int, size: int) -> bytes:
         buffer = bytearray(size)
