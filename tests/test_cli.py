@@ -312,7 +312,7 @@ def test_other_failures_never_exit_1(
     expected: ExitCode,
     message: str,
 ) -> None:
-    def broken(path: object) -> object:
+    def broken(path: object, **options: object) -> object:
         raise error
 
     monkeypatch.setattr("statevault.cli.verify_cmd.verify", broken)

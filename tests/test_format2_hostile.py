@@ -154,3 +154,13 @@ def test_a_forged_block_checksum_is_caught(three_blocks: Path) -> None:
 def test_a_wrong_number_of_block_checksums_is_refused(three_blocks: Path) -> None:
     rewrite_body(three_blocks, lambda b: b["tensors"][0]["blocks"].__delitem__(0))
     assert "block checksums for 3 blocks" in refused(three_blocks)
+
+
+def test_verify_only_checks_the_subtree_chunks_included(ck: Path) -> None:
+    row = open_checkpoint(ck).manifest.tensors[_chunks(read_body(ck))[1]["tensor"]]
+    flip_bit(ck / row.file, row.offset + 1, 2)
+    damaged = sv.verify(ck, only="w")
+    assert not damaged.ok and "checksum mismatch" in damaged.problems[0]
+    assert damaged.tensors == 2  # the two chunks of w
+    intact = sv.verify(ck, only="c")
+    assert intact.ok and intact.bytes_checked == 5 * 4

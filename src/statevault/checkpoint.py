@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from statevault import commit
@@ -298,8 +298,14 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
-    """Check every byte of a checkpoint against its manifest without loading it.
+def verify(
+    path: PathLike,
+    *,
+    only: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> VerifyReport:
+    """Check every byte of a checkpoint against its manifest without loading it. ``only``: a
+    key path; check just that subtree's tensors and their files, reading nothing else.
 
     Example::
 
@@ -314,6 +320,8 @@ def verify(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) 
     except CorruptCheckpointError as exc:
         report.problems.extend(exc.problems)
         return report
+    if only is not None:
+        return _verify_subtree(checkpoint, only, report)
     manifest = checkpoint.manifest
     report.files, report.tensors = len(manifest.files), len(manifest.tensors)
     report.problems.extend(checkpoint.reader.file_problems(check_headers=True))
@@ -321,6 +329,37 @@ def verify(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) 
     report.problems.extend(_loadability_problems(manifest))
     if not report.problems:
         outcome = checkpoint.reader.read(range(len(manifest.tensors)), _scratch, verify=True)
+        report.problems.extend(outcome.problems)
+        report.bytes_checked = outcome.bytes_read
+    return report
+
+
+def _verify_subtree(checkpoint: OpenCheckpoint, key: str, report: VerifyReport) -> VerifyReport:
+    """The files holding the subtree's tensors (sizes, headers) and those tensors' checksums;
+    a sharded tensor's chunks are its tensors."""
+    manifest = checkpoint.manifest
+    try:
+        node = tree_codec.subtree(manifest.tree, key, checkpoint.directory)
+    except KeyError as exc:
+        raise CheckpointError(str(exc.args[0])) from None
+    ids = set(tree_codec.tensor_ids(node))
+    for index in tree_codec.tensor_ids(node, tag="sharded"):
+        if 0 <= index < len(manifest.sharded):
+            ids |= {chunk.tensor for chunk in manifest.sharded[index].chunks}
+        else:
+            report.problems.append(f"subtree {key} refers to sharded tensor {index}")
+    bad = sorted(i for i in ids if not 0 <= i < len(manifest.tensors))
+    if bad:
+        report.problems.append(f"subtree {key} refers to tensor {bad[0]}, which does not exist")
+    if report.problems:
+        return report
+    names = {manifest.tensors[i].file for i in ids}
+    subset = replace(manifest, files=[f for f in manifest.files if f.name in names])
+    reader = CheckpointReader(checkpoint.location, subset)
+    report.files, report.tensors = len(subset.files), len(ids)
+    report.problems.extend(reader.file_problems(check_headers=True))
+    if not report.problems:
+        outcome = reader.read(sorted(ids), _scratch, verify=True)
         report.problems.extend(outcome.problems)
         report.bytes_checked = outcome.bytes_read
     return report

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +26,7 @@ from statevault.cli.common import (
     add_storage_options,
     storage_options,
 )
-from statevault.engine.reader import CheckpointReader
-from statevault.errors import CheckpointError, CorruptCheckpointError
-from statevault.format import tree
-from statevault.format.manifest import TensorEntry
-from statevault.storage.location import resolve
+from statevault.errors import CorruptCheckpointError
 
 if TYPE_CHECKING:
     from statevault.cli.common import Subparsers
@@ -63,10 +58,7 @@ def register(subparsers: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     options = storage_options(args)
     raise_if_unreadable(args.path, options)
-    if args.only is not None:
-        report = verify_subtree(args.path, args.only, options)
-    else:
-        report = verify(args.path, **({"storage_options": options} if options else {}))
+    report = verify(args.path, only=args.only, storage_options=options)
     if args.json:
         render.emit_json(report_document(report))
     else:
@@ -83,43 +75,6 @@ def raise_if_unreadable(path: str, options: Mapping[str, Any] | None = None) -> 
     """
     with contextlib.suppress(CorruptCheckpointError):
         open_checkpoint(path, options)
-
-
-def verify_subtree(path: str, key: str, options: Mapping[str, Any] | None) -> VerifyReport:
-    """:func:`statevault.verify` of one subtree: the files holding its tensors (sizes and
-    safetensors headers) and its tensors' checksums; nothing else of the payload is read."""
-    location = resolve(path, options)
-    report = VerifyReport(location.url)
-    try:
-        checkpoint = open_checkpoint(location)
-    except CorruptCheckpointError as exc:
-        report.problems.extend(exc.problems)
-        return report
-    manifest = checkpoint.manifest
-    try:
-        node = tree.subtree(manifest.tree, key, checkpoint.directory)
-    except KeyError as exc:
-        raise CheckpointError(str(exc.args[0])) from None
-    ids = sorted(tree.tensor_ids(node))
-    bad = [i for i in ids if not 0 <= i < len(manifest.tensors)]
-    if bad:
-        report.problems.append(f"subtree {key} refers to tensor {bad[0]}, which does not exist")
-        return report
-    names = {manifest.tensors[i].file for i in ids}
-    subset = dataclasses.replace(manifest, files=[f for f in manifest.files if f.name in names])
-    reader = CheckpointReader(location, subset)
-    report.files, report.tensors = len(subset.files), len(ids)
-    report.problems.extend(reader.file_problems(check_headers=True))
-    if not report.problems:
-        outcome = reader.read(ids, _scratch, verify=True)
-        report.problems.extend(outcome.problems)
-        report.bytes_checked = outcome.bytes_read
-    return report
-
-
-def _scratch(entry: TensorEntry) -> tuple[object, memoryview]:
-    buffer = bytearray(entry.nbytes)
-    return buffer, memoryview(buffer)
 
 
 def report_document(report: VerifyReport) -> dict[str, Any]:

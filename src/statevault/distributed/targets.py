@@ -29,17 +29,8 @@ def find_targets(into: Any, node: Any, pick_rank: Callable[[int], int]) -> dict[
 
 
 def _unwrap(node: Any, pick_rank: Callable[[int], int]) -> Any:
-    for _ in range(_MAX_DEPTH):
-        if type(node) is not dict or node.get("$") not in ("stateful", "per_rank"):
-            return node
-        if node["$"] == "stateful":
-            node = node.get("state")
-        else:
-            branches = node.get("ranks")
-            if type(branches) is not list or not branches:
-                return None
-            node = branches[pick_rank(len(branches))]
-    return None
+    unwrapped = tree.unwrap(node, pick_rank)
+    return None if type(unwrapped) is dict and unwrapped.get("$") == "per_rank" else unwrapped
 
 
 def _walk(

@@ -365,14 +365,22 @@ def subtree_child(node: Node, key: object) -> Node:
 
 
 def _unwrap(node: Node, rank: int = 0) -> Node:
-    while type(node) is dict and node.get("$") in ("stateful", "per_rank"):
+    return unwrap(node, lambda count: rank % count)
+
+
+def unwrap(node: Node, pick_rank: RankPicker) -> Node:
+    """Step through stateful nodes to their state and per-rank nodes to the branch
+    ``pick_rank(len(branches))``; a per-rank node without branches is returned as it is."""
+    for _ in range(MAX_DEPTH):
+        if type(node) is not dict or node.get("$") not in ("stateful", "per_rank"):
+            return node
         if node["$"] == "stateful":
             node = node.get("state")
-        else:
-            branches = node.get("ranks")
-            if type(branches) is not list or not branches:
-                return node
-            node = branches[rank % len(branches)]
+            continue
+        branches = node.get("ranks")
+        if type(branches) is not list or not branches:
+            return node
+        node = branches[pick_rank(len(branches))]
     return node
 
 
