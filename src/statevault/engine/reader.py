@@ -1,9 +1,15 @@
 """Read: check the files against the manifest, then ranged reads into fresh buffers, verified.
 
 Before a single tensor byte is allocated, every file's size is compared with the manifest, so a
-hostile manifest cannot make a load allocate more than the files hold. Reads are positional
-(``pread``) into the destination buffers, in parallel threads, each chunk checksummed right after
-it lands. Problems are collected, not raised one by one, so that a report names all of them.
+hostile manifest cannot make a load allocate more than the files hold. Local reads are
+positional (``pread``) into the destination buffers, in parallel threads, each chunk checksummed
+right after it lands. Remote reads (object stores) pay a round trip per request, so they are
+planned: the wanted tensors of each file, in offset order, are merged into requests of up to
+``REQUEST_BYTES`` wherever the gap between two of them is at most ``GAP_BYTES`` (a whole load
+is one request per 64 MiB of shard, a load of a subtree still fetches little beyond its bytes),
+``REQUESTS_IN_FLIGHT`` at a time; each tensor is copied out of its request's bytes and
+checksummed as soon as its last byte has landed. Problems are collected, not raised one by one,
+so that a report names all of them.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +31,12 @@ from statevault.storage.location import Location
 
 CHUNK_BYTES = 16 << 20
 READ_THREADS = 8
+# Remote reads: merge wanted byte ranges of a file into requests of at most REQUEST_BYTES, across
+# gaps of at most GAP_BYTES (fetched and dropped); REQUESTS_IN_FLIGHT at a time, so at most
+# REQUESTS_IN_FLIGHT * REQUEST_BYTES of fetched bytes are held beside the destination buffers.
+REQUEST_BYTES = 64 << 20
+GAP_BYTES = 1 << 20
+REQUESTS_IN_FLIGHT = 4
 # Ask for the whole shard to be read ahead as it is mapped: a cold load (one right after an
 # O_DIRECT save, whose bytes never went through the page cache) then reads at disk speed.
 WILLNEED = True
@@ -87,6 +100,20 @@ class _RemoteFile:
     def read_into(self, offset: int, view: memoryview) -> None:
         self.storage.read_into(self.path, offset, view)
 
+    def read_range(self, offset: int, size: int) -> bytes | bytearray | memoryview:
+        """The ``size`` bytes at ``offset``, in one request where the storage can."""
+        if size == 0:
+            return b""
+        read_range = getattr(self.storage, "read_range", None)
+        if callable(read_range):
+            data: bytes | bytearray | memoryview = read_range(self.path, offset, size)
+            if len(data) != size:
+                raise EOFError(f"{self.path} ended at byte {offset + len(data)}")
+            return data
+        buffer = bytearray(size)
+        self.storage.read_into(self.path, offset, memoryview(buffer))
+        return buffer
+
     def close(self) -> None:
         return None
 
@@ -138,6 +165,8 @@ class CheckpointReader:
         try:
             for name in names:
                 sources[name] = self._open(name)
+            if not self.location.local:
+                return self._read_remote(ids, sources, allocate, verify)
             jobs = [(index, sources[self.manifest.tensors[index].file]) for index in ids]
             threads = max(1, min(READ_THREADS, len(jobs)))
             with ThreadPoolExecutor(threads, thread_name_prefix="statevault-read") as pool:
@@ -188,6 +217,33 @@ class CheckpointReader:
                 outcome.arrays[index] = adopt(entry, view)
         return outcome
 
+    def _read_remote(
+        self,
+        ids: Sequence[int],
+        sources: dict[str, _LocalFile | _RemoteFile],
+        allocate: Allocator,
+        verify: bool,
+    ) -> ReadOutcome:
+        """:meth:`read` from an object store: few large requests (see the module docstring)."""
+        entries = self.manifest.tensors
+        arrays: dict[int, object] = {}
+        views: dict[int, memoryview] = {}
+        for index in dict.fromkeys(ids):
+            arrays[index], view = allocate(entries[index])
+            views[index] = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        requests = plan_requests([(i, entries[i]) for i in views], REQUEST_BYTES, GAP_BYTES)
+        load = _RemoteLoad(entries, views, requests, verify)
+        threads = max(1, min(REQUESTS_IN_FLIGHT, len(requests)))
+        with ThreadPoolExecutor(threads, thread_name_prefix="statevault-fetch") as pool:
+            list(pool.map(lambda r: load.fetch(sources[r.file], r), requests))
+        outcome = ReadOutcome()
+        for index in ids:
+            outcome.arrays[index] = arrays[index]
+            outcome.bytes_read += entries[index].nbytes
+            if load.problems.get(index) is not None:
+                outcome.problems.append(load.problems[index])
+        return outcome
+
     def _read_one(
         self, index: int, source: _LocalFile | _RemoteFile, allocate: Allocator, verify: bool
     ) -> tuple[int, object, str | None]:
@@ -206,6 +262,117 @@ class CheckpointReader:
         if verify and checksum != parse_checksum(entry.checksum):
             return index, array, f"tensor {entry.path} in {entry.file}: checksum mismatch"
         return index, array, None
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Bytes [start, stop) of the tensor ``index``."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class _Request:
+    """One ranged request: bytes [start, stop) of ``file``, holding ``parts``."""
+
+    file: str
+    start: int
+    stop: int
+    parts: list[_Part]
+
+
+class _RemoteLoad:
+    """The requests of one remote read, fetched from any number of threads: each copies its
+    parts into the tensors' buffers, and checksums every tensor whose last part it landed."""
+
+    def __init__(
+        self,
+        entries: Sequence[TensorEntry],
+        views: dict[int, memoryview],
+        requests: Sequence[_Request],
+        verify: bool,
+    ) -> None:
+        self.entries = entries
+        self.views = views
+        self.verify = verify
+        self.problems: dict[int, str] = {}
+        self.remaining = dict.fromkeys(views, 0)  # parts of each tensor still to land
+        for request in requests:
+            for part in request.parts:
+                self.remaining[part.index] += 1
+        self.lock = threading.Lock()
+
+    def fetch(self, source: _LocalFile | _RemoteFile, request: _Request) -> None:
+        assert isinstance(source, _RemoteFile)
+        try:
+            data = memoryview(source.read_range(request.start, request.stop - request.start))
+        except (EOFError, OSError) as exc:
+            self._landed(request, f"read failed ({exc})")
+            return
+        for part in request.parts:
+            low = self.entries[part.index].offset + part.start - request.start
+            self.views[part.index][part.start : part.stop] = data[low : low + part.size]
+        del data  # the request's bytes go before the checksums run
+        whole = self._landed(request, None)
+        if self.verify and whole:
+            bad = failed_checksums([(i, self.entries[i], self.views[i]) for i in whole], 1)
+            with self.lock:
+                for index in bad:
+                    self._problem(index, "checksum mismatch")
+
+    def _landed(self, request: _Request, problem: str | None) -> list[int]:
+        """Count the request's parts in (failed with ``problem``, or not); returns the tensors
+        now whole and intact."""
+        whole = []
+        with self.lock:
+            for part in request.parts:
+                if problem is not None:
+                    self._problem(part.index, problem)
+                self.remaining[part.index] -= 1
+                if self.remaining[part.index] == 0 and part.index not in self.problems:
+                    whole.append(part.index)
+        return whole
+
+    def _problem(self, index: int, problem: str) -> None:
+        """Record the tensor's first problem (the caller holds the lock)."""
+        entry = self.entries[index]
+        self.problems.setdefault(index, f"tensor {entry.path} in {entry.file}: {problem}")
+
+
+def plan_requests(
+    wanted: Sequence[tuple[int, TensorEntry]],
+    request_bytes: int = REQUEST_BYTES,
+    gap_bytes: int = GAP_BYTES,
+) -> list[_Request]:
+    """The ranged requests that fetch the tensors ``wanted`` ((key, row) pairs): per file, in
+    offset order, ranges at most ``gap_bytes`` apart merged into requests of at most
+    ``request_bytes``; a tensor longer than that is cut into parts across requests."""
+    by_file: dict[str, list[tuple[int, TensorEntry]]] = {}
+    for index, entry in wanted:
+        by_file.setdefault(entry.file, []).append((index, entry))
+    requests: list[_Request] = []
+    for name in sorted(by_file):
+        current: _Request | None = None
+        for index, entry in sorted(by_file[name], key=lambda item: (item[1].offset, item[0])):
+            for start in range(0, max(entry.nbytes, 1), request_bytes):
+                stop = min(start + request_bytes, entry.nbytes)
+                low, high = entry.offset + start, entry.offset + stop
+                if (
+                    current is None
+                    or low - current.stop > gap_bytes
+                    or max(high, current.stop) - current.start > request_bytes
+                ):
+                    current = _Request(name, low, high, [])
+                    requests.append(current)
+                current.parts.append(_Part(index, start, stop))
+                current.stop = max(current.stop, high)
+    return requests
 
 
 def _slice(view: memoryview, entry: TensorEntry) -> memoryview:
