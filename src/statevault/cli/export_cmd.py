@@ -49,7 +49,7 @@ def register(subparsers: Subparsers) -> None:
             "Write every array of a checkpoint (or of the subtree --only) as safetensors, "
             "named by key path relative to --only (--only model gives 0.weight, 2.bias, ...). "
             "Sharded tensors of distributed checkpoints are consolidated into full tensors. "
-            "Memory stays bounded (about 16 MiB of buffers plus the verified reads' blocks): "
+            "Memory stays bounded (a few tens of MiB of buffers, whatever the model's size): "
             "the header is written first, then each array as it is read, every byte checked "
             "against its checksum. Plain values (numbers, strings) and per-rank state are not "
             "exported; the output says how many were skipped. The output is written under a "
@@ -87,7 +87,9 @@ def register(subparsers: Subparsers) -> None:
         help="keep (default: bit for bit), or convert floating-point arrays to this dtype",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUT if it exists (atomically)"
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it exists (the new export is complete before the old one goes)",
     )
     add_storage_options(parser)
     add_json_flag(parser)

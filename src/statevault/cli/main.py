@@ -90,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="statevault",
-        description="Inspect, verify, list, compare and clean up statevault checkpoints.",
+        description=(
+            "Inspect, verify, list, compare, clean up, export and import statevault checkpoints."
+        ),
         epilog=exit_codes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -65,8 +65,9 @@ def export_safetensors(
     """Write every array of the checkpoint at ``path`` (or of its subtree ``only``) into the
     safetensors file ``target``, named by key path relative to ``only``.
 
-    Memory stays at about ``buffer_bytes`` (plus block widening of the verified reads) whatever
-    the size of the checkpoint. Example::
+    Memory stays at about twice ``buffer_bytes`` (the slab, and the verified read it is copied
+    from, widened to whole checksum blocks) whatever the size of the checkpoint. A tensor
+    reached by two key paths (tied weights) is written under both names. Example::
 
         report = export_safetensors("ckpt/step_1000", "model.safetensors", only="model")
         weights = safetensors.torch.load_file("model.safetensors")  # {"0.weight": ..., ...}

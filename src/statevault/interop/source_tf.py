@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from statevault.errors import CheckpointError
 from statevault.format import dtypes
 
@@ -64,6 +66,8 @@ def read(path: str) -> tuple[dict[str, Any], list[str]]:
             value = reader.get_tensor(name)
         except (tf.errors.OpError, ValueError) as exc:
             raise CheckpointError(f"{prefix}: cannot read variable {name}: {exc}") from None
+        if isinstance(value, np.generic):  # a 0-d variable: keep it an array, not a scalar
+            value = np.asarray(value)
         if dtypes.from_numpy_name(str(value.dtype)) is None:  # bfloat16 and friends: keep TF's
             value = tf.constant(value, dtype=kinds[name])
         arrays[name] = value

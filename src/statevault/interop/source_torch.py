@@ -61,8 +61,9 @@ def read_torch_file(path: str) -> Any:
             f"unpickle ({first}). statevault never runs pickled code: in a trusted environment, "
             "load it with torch.load and save its tensors and plain values with sv.save"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} as a torch.save file: {exc}") from None
+    except Exception as exc:  # torch.load fails on damaged input with any exception type
+        detail = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"cannot read {path} as a torch.save file ({detail})") from None
 
 
 def read_dcp(path: str) -> dict[str, Any]:

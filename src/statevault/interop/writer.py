@@ -29,7 +29,7 @@ from statevault.format import dtypes
 from statevault.format.safetensors_io import HeaderEntry, encode_header
 from statevault.interop import casting
 
-DEFAULT_BUFFER_BYTES = 16 << 20  # one block of the block checksums: slabs read exactly
+DEFAULT_BUFFER_BYTES = 16 << 20  # a multiple of the checksum block (BLOCK_BYTES): exact reads
 
 
 @dataclass(frozen=True)
