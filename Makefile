@@ -33,6 +33,7 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/save_load.py
 	$(PY) benchmarks/s3_bench.py
+	$(PY) benchmarks/distributed_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
@@ -52,7 +53,12 @@ from statevault.adapters import ArrayAdapter, adapter_named
 from statevault.distributed.assignment import leaves_to_write
 from statevault.distributed.geometry import Box, GeometryError, check_chunks, intersect
 from statevault.distributed.parts import Part, merge, part_from_json
-from statevault.distributed.saver import DistributedSaver, _Job, _part_of, _Proposal, plan_digest
+from statevault.distributed.saver import (  # private: what a rank does, timed piece by piece
+    DistributedSaver,
+    _part_of,
+    _Proposal,
+    plan_digest,
+)
 from statevault.engine.plan import Leaf, SavePlan, ShardInfo
 from statevault.format import tree
 from statevault.format.manifest import (
@@ -64,6 +70,7 @@ from statevault.format.manifest import (
     serialize_manifest,
 )
 from statevault.format.names import shard_name
+from statevault.saver import _Job
 
 MiB = 1 << 20
 
@@ -71,9 +78,11 @@ MiB = 1 << 20
 # ---------------------------------------------------------------- part 1: planning at scale
 
 
-def llama_shapes(layers: int, hidden: int, ffn: int, vocab: int) -> list[tuple[str, tuple]]:
+def llama_shapes(
+    layers: int, hidden: int, ffn: int, vocab: int
+) -> list[tuple[str, tuple[int, ...]]]:
     """Parameter names and shapes of a Llama-like model: 9 per layer, 3 more."""
-    shapes: list[tuple[str, tuple]] = [("tok_embeddings.weight", (vocab, hidden))]
+    shapes: list[tuple[str, tuple[int, ...]]] = [("tok_embeddings.weight", (vocab, hidden))]
     for layer in range(layers):
         prefix = f"layers.{layer}."
         shapes += [
@@ -93,7 +102,7 @@ def llama_shapes(layers: int, hidden: int, ffn: int, vocab: int) -> list[tuple[s
 class _Sharded:
     """Stand-in for a DTensor sharded on dim 0 over every rank (FSDP2's layout)."""
 
-    def __init__(self, shape: tuple) -> None:
+    def __init__(self, shape: tuple[int, ...]) -> None:
         self.shape = shape
 
 
@@ -147,11 +156,11 @@ class SimPlanner:
         return SavePlan(encoded, None, self.leaves, shared)
 
 
-def _view(shape: tuple, dtype: str = "float32") -> np.ndarray:
+def _view(shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype=dtype), shape)
 
 
-def sim_state(shapes: list[tuple[str, tuple]], rank: int) -> dict[str, Any]:
+def sim_state(shapes: list[tuple[str, tuple[int, ...]]], rank: int) -> dict[str, Any]:
     """The state an FSDP2 job saves: sharded weights and Adam moments, replicated ``step``
     scalars, plain hyperparameters, the global step, and per-rank RNG state."""
     names = [name for name, _ in shapes]
@@ -243,7 +252,10 @@ def pairwise_check_chunks(shape: Sequence[int], chunks: Sequence[Box]) -> None:
 
 
 def plan_world(
-    world: int, shapes: list[tuple[str, tuple]], pairwise: bool, log: Callable[[str], None]
+    world: int,
+    shapes: list[tuple[str, tuple[int, ...]]],
+    pairwise: bool,
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
     adapter = adapter_named("numpy")
     saver = DistributedSaver(asynchronous=False, group=_SimGroup(0, world))
@@ -539,7 +551,8 @@ class Block(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         x = self.norm1(x + self.out(torch.tanh(q * k) * v))
-        return self.norm2(x + self.down(torch.relu(self.up(x))))
+        out: torch.Tensor = self.norm2(x + self.down(torch.relu(self.up(x))))
+        return out
 
 
 def build_model(hidden: int, layers: int) -> torch.nn.Sequential:
@@ -574,8 +587,9 @@ def _scramble(model: Any, opt: Any) -> None:
                     _local_ref(value).fill_(7.0)
 
 
-def _local_ref(value: Any) -> Any:
-    return value.to_local() if hasattr(value, "to_local") else value
+def _local_ref(value: Any) -> torch.Tensor:
+    local: torch.Tensor = value.to_local() if hasattr(value, "to_local") else value
+    return local
 
 
 def _same(reference: dict[str, Any], model: Any, opt: Any) -> bool:
@@ -611,8 +625,9 @@ def _warm(path: str) -> None:
 def rank_run(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
     """One rank of the comparison: returns its timings (the caller takes the max over ranks)."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load_into
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save_to
     from torch.distributed.fsdp import fully_shard
 
     import statevault as sv
@@ -643,16 +658,15 @@ def rank_run(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
 
     def dcp_save(path: str) -> None:
         model_sd, optim_sd = get_state_dict(model, opt)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        dcp_save_to({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
     def sv_load(path: str) -> None:
         sv.load(path, into={"model": model, "optimizer": opt})
 
     def dcp_load(path: str) -> None:
         model_sd, optim_sd = get_state_dict(model, opt)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        dcp_load_into({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)  # in place
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
     contenders = {"statevault": (sv_save, sv_load), "DCP": (dcp_save, dcp_load)}
     times: dict[str, list[float]] = {f"{c} {op}": [] for c in contenders for op in ("save", "load")}
@@ -663,7 +677,7 @@ def rank_run(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
         order = list(contenders) if rep % 2 == 0 else list(contenders)[::-1]
         for name in order:
             path = os.path.join(root, f"{name}-{rep}")
-            times[f"{name} save"].append(timed(lambda p=path, n=name: contenders[n][0](p)))
+            times[f"{name} save"].append(timed(functools.partial(contenders[name][0], path)))
             if rank == 0:
                 written[name] = _dir_bytes(path)
                 if name in last:
@@ -676,7 +690,7 @@ def rank_run(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
             _scramble(model, opt)
             if rank == 0:
                 _warm(last[name])  # O_DIRECT saves leave the page cache cold: warm both alike
-            times[f"{name} load"].append(timed(lambda n=name: contenders[n][1](last[n])))
+            times[f"{name} load"].append(timed(functools.partial(contenders[name][1], last[name])))
             exact[name] = exact[name] and _same(reference, model, opt)
     local_bytes = sum(v.numel() * v.element_size() for v in reference.values())
     return {"times": times, "written": written, "exact": exact, "local_bytes": local_bytes}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import numpy as np
 import pytest
@@ -132,6 +133,62 @@ def test_intersect_and_row_span() -> None:
     # Whole rows: the span is exactly the region's elements.
     assert flat_span((4, 6), Box((1, 0), (2, 6))) == (6, 18)
     assert flat_span((4, 6), Box((1, 2), (2, 1))) == (8, 15)
+
+
+@st.composite
+def loose_boxes(draw: st.DrawFn) -> tuple[tuple[int, ...], list[Box]]:
+    """A shape and in-bounds boxes placed at random: some overlap, some do not."""
+    ndim = draw(st.integers(0, 3))
+    shape = tuple(draw(st.integers(1, 6)) for _ in range(ndim))
+    boxes = []
+    for _ in range(draw(st.integers(0, 6))):
+        offsets = tuple(draw(st.integers(0, extent)) for extent in shape)
+        sizes = tuple(draw(st.integers(0, e - o)) for o, e in zip(offsets, shape, strict=True))
+        boxes.append(Box(offsets, sizes))
+    return shape, boxes
+
+
+@given(loose_boxes())
+def test_the_sweep_finds_an_overlap_exactly_when_some_pair_overlaps(
+    case: tuple[tuple[int, ...], list[Box]],
+) -> None:
+    """The overlap test sweeps dimension 0 instead of testing every pair: same verdict."""
+    shape, boxes = case
+    pairs = [
+        (i, j)
+        for i, j in itertools.combinations(range(len(boxes)), 2)
+        if boxes[i].numel and boxes[j].numel and intersect(boxes[i], boxes[j]) is not None
+    ]
+    try:
+        check_chunks(shape, boxes)
+    except GeometryError as exc:
+        message = str(exc)
+        if pairs:
+            assert "overlap" in message
+            named = tuple(int(w) for w in message.split()[1:4:2])
+            assert named in pairs
+        else:
+            assert "cover" in message
+    else:
+        assert not pairs
+
+
+def test_world_size_row_tilings_are_checked_fast() -> None:
+    """FSDP at 8,192 ranks: uneven row shards (half the ranks hold no rows), and a 2-D split
+    of 64 x 128; a pairwise test would make ~33M and ~33M box intersections of each."""
+    world = 8192
+    rows = [Box((o, 0), (s, 4096)) for o, s in split_evenly(4096, world)]
+    grid = [Box((r, c), (1, 2)) for r, c in itertools.product(range(64), range(0, 256, 2))]
+    started = time.perf_counter()
+    check_chunks((4096, 4096), rows)
+    check_chunks((64, 256), grid)
+    assert time.perf_counter() - started < 2.0
+    with pytest.raises(GeometryError, match="chunks 4095 and 8192 overlap"):
+        check_chunks((4096, 4096), [*rows, rows[4095]])
+    with pytest.raises(GeometryError, match="overlap"):
+        check_chunks((64, 256), [*grid, Box((40, 1), (1, 2))])
+    with pytest.raises(GeometryError, match="cover"):
+        check_chunks((4096, 4096), rows[:-4097])
 
 
 def _slices(box: Box) -> tuple[slice, ...]:
