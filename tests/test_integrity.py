@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -280,3 +281,15 @@ def test_checkpoint_in_several_shards(tmp_path: Path, monkeypatch: pytest.Monkey
             ):
                 sv.load(ck)
     assert_same(sv.load(ck), make_state())
+
+
+def test_a_manifest_too_large_for_readers_is_never_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers refuse what readers would refuse (MAX_MANIFEST_BYTES), before the commit."""
+    from statevault.format import manifest
+
+    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 2000)
+    with pytest.raises(sv.CheckpointError, match="readers accept"):
+        sv.save({f"t{i}": np.zeros(1) for i in range(40)}, tmp_path / "ck")
+    assert list(tmp_path.iterdir()) == []  # the temporary went with the failure

@@ -32,7 +32,9 @@ from statevault.engine.layout import assign_files
 from statevault.engine.plan import SavePlan, plan_save
 from statevault.engine.staging import by_adapter, stage, stage_into
 from statevault.engine.writer import PendingTensor, write_files
+from statevault.errors import CheckpointError
 from statevault.format import dtypes
+from statevault.format import manifest as manifest_module
 from statevault.format.manifest import FileEntry, Manifest, TensorEntry, serialize_manifest
 from statevault.format.names import MANIFEST_NAME, shard_name
 from statevault.runinfo import checkpoint_info
@@ -109,10 +111,17 @@ class _Job:
 
     def commit(self, manifest: Manifest) -> Manifest:
         """Write the manifest, then publish it (the rename, or nothing more on object stores)."""
+        data = serialize_manifest(manifest)
+        if len(data) > manifest_module.MAX_MANIFEST_BYTES:  # no reader would accept it
+            raise CheckpointError(
+                f"{self.target.url}: the manifest would be {len(data) / 2**20:.0f} MiB, over the "
+                f"{manifest_module.MAX_MANIFEST_BYTES / 2**20:.0f} MiB readers accept (too many "
+                "tensors times ranks); save fewer, larger tensors or from fewer ranks"
+            )
         self.committer.before_manifest(self.target, self.overwrite)
         manifest_path = self.written.join(MANIFEST_NAME).path
         with self.written.storage.open_write(manifest_path) as handle:
-            handle.write(memoryview(serialize_manifest(manifest)))
+            handle.write(memoryview(data))
         started = time.perf_counter()
         self.committer.publish(self.written, self.target, self.overwrite)
         self.timings["commit_s"] = time.perf_counter() - started

@@ -19,7 +19,9 @@ from statevault.engine.plan import Leaf, SavePlan
 def deal_replicated(sizes: Sequence[int], world: int) -> list[int]:
     """The rank that writes each replicated leaf, balancing bytes (ties go to lower ranks)."""
     owners = [0] * len(sizes)
-    loads = [(0, rank) for rank in range(world)]
+    # Only the first len(sizes) ranks can ever be chosen (ties go to lower ranks and each leaf
+    # lands on an empty rank while there is one): O(leaves), not O(world), per rank.
+    loads = [(0, rank) for rank in range(min(world, len(sizes)))]
     heapq.heapify(loads)
     for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         load, rank = heapq.heappop(loads)

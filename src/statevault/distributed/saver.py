@@ -31,7 +31,7 @@ from statevault.distributed.parts import Part, merge, part_from_json, per_rank_l
 from statevault.engine.layout import assign_files
 from statevault.engine.plan import SavePlan, plan_save
 from statevault.errors import DistributedSaveError
-from statevault.format.manifest import Manifest, parse_manifest, serialize_manifest
+from statevault.format.manifest import Manifest
 from statevault.format.names import part_name, part_rank
 from statevault.runinfo import checkpoint_info
 from statevault.saver import SaveFuture, Saver, _aligned, _Job, logger
@@ -61,6 +61,7 @@ class _Pending:
     future: Future[Manifest | None]
     url: str
     job: _Job | None = None  # rank 0's: cleaned up at settle if nothing was committed
+    target: Location | None = None
 
 
 class DistributedSaver(Saver):
@@ -80,6 +81,9 @@ class DistributedSaver(Saver):
         self._group = group
         self._pending: _Pending | None = None
         self._assignments: dict[tuple[str, int, int], list[int]] = {}
+        # Whether ranks other than 0 read the committed manifest back to return it (sv.save
+        # does; the manager, which needs no manifest there, does not).
+        self.read_back_manifest = True
 
     @property
     def group(self) -> Group:
@@ -132,12 +136,10 @@ class DistributedSaver(Saver):
                 future = self._executor().submit(self._share, job, last_piece, staged, started)
             else:
                 _run_into(future, lambda: self._share(job, last_piece, staged, started))
-        self._pending = _Pending(future, target.url, job if group.rank == 0 else None)
+        self._pending = _Pending(future, target.url, job if group.rank == 0 else None, target)
         result: Future[Manifest] = Future()
         if not self.asynchronous:
-            settled = self._settle()
-            assert settled is not None  # a save was pending: settling returns its manifest
-            result.set_result(settled)
+            result.set_result(self._settle())  # type: ignore[arg-type]  # None: see read_back
         return SaveFuture(
             target.url, result if not self.asynchronous else _as_manifest(future), job.timings
         )
@@ -292,31 +294,27 @@ class DistributedSaver(Saver):
                 raise error
             return manifest
         # Each rank names the ranks its failure came from: itself, or the ones it waited for.
+        # O(1) bytes per rank: the manifest itself never travels (it can be 100s of MiB).
         culprits = error.ranks if isinstance(error, DistributedSaveError) and error.ranks else []
-        reply = (
-            None if error is None else f"{type(error).__name__}: {error}",
-            serialize_manifest(manifest) if manifest is not None else None,
-            culprits,
-        )
+        reply = (None if error is None else f"{type(error).__name__}: {error}", culprits)
         try:
             replies = self.group.all_gather(reply)
         except DistributedSaveError as exc:
             if manifest is not None:
                 raise DistributedSaveError(f"{pending.url} was committed, but {exc}") from None
             raise DistributedSaveError(f"save of {pending.url} was not committed: {exc}") from error
-        failures = [(rank, r[0], r[2]) for rank, r in enumerate(replies) if r[0] is not None]
+        failures = [(rank, r[0], r[1]) for rank, r in enumerate(replies) if r[0] is not None]
         if failures:
             detail = "; ".join(f"rank {rank}: {text}" for rank, text, _ in failures[:4])
             ranks = sorted({c for rank, _, named in failures for c in (named or [rank])})
             raise DistributedSaveError(
                 f"save of {pending.url} was not committed: {detail}", ranks
             ) from error
-        if manifest is not None:
+        if manifest is not None or not self.read_back_manifest:
             return manifest
-        data = replies[0][1]
-        if data is None:
-            raise DistributedSaveError(f"save of {pending.url}: rank 0 sent no manifest")
-        return parse_manifest(data, pending.url)
+        from statevault.checkpoint import open_checkpoint  # (checkpoint imports this module)
+
+        return open_checkpoint(pending.target or pending.url).manifest
 
 
 def plan_digest(plan: SavePlan) -> tuple[str, dict[str, str]]:

@@ -25,9 +25,10 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
-from statevault.distributed.saver import new_saver
+from statevault.distributed.saver import DistributedSaver, new_saver
 from statevault.errors import CheckpointError
 from statevault.manager.index import (
+    CheckpointRecord,
     RunScan,
     annotations_bytes,
     encode_metrics,
@@ -117,6 +118,8 @@ class CheckpointManager(RunQueries, RunRestore):
         self._closed = False
         self._replicator: Replicator | None = None
         self._saver = new_saver(asynchronous=async_save, staging_budget_bytes=staging_budget_bytes)
+        if isinstance(self._saver, DistributedSaver):
+            self._saver.read_back_manifest = False  # followers need no manifest
         self._role = Role(self._saver)
         error: BaseException | None = None
         if self._role.leader:
@@ -265,9 +268,10 @@ class CheckpointManager(RunQueries, RunRestore):
         step, _ = self._pending
         self._pending = None
         self._saver.wait()  # the saver's one in-flight save is this one; raises its failure
-        self._scan.records[step] = read_record(self._dir.checkpoint(step), step)
-        if not self._role.leader:
+        if not self._role.leader:  # committed (the save settled); details are the leader's
+            self._scan.records[step] = CheckpointRecord(step, self.path(step), "committed")
             return  # retention and replication are the leader's
+        self._scan.records[step] = read_record(self._dir.checkpoint(step), step)
         self._saves_collected += 1
         if self._replicator is not None and self._scan.records[step].status == "committed":
             due = self._saves_collected % self.replicate_every == 0
