@@ -375,9 +375,9 @@ def plan_world(
         }
     del manifest, boxes
     gc.collect()
-    # Settle: rank 0 all-gathers (error, manifest bytes, culprits); all_gather_object pads every
-    # rank's input to the largest one, so each rank receives world x that, then parses it.
-    reply = pickle.dumps((None, data, []))
+    # Settle: every rank all-gathers (error, culprits): O(1) bytes each, so each rank receives
+    # world x that. Ranks other than 0 read the manifest back only for sv.save (not the manager).
+    reply = pickle.dumps((None, []))
     p0 = time.perf_counter()
     parse_manifest(data, "sim://run/step_000001000")
     p1 = time.perf_counter()
@@ -461,7 +461,7 @@ def print_planning(results: list[dict[str, Any]], log: Callable[[str], None]) ->
         [size(r["settle"]["gather_bytes_per_rank"]) for r in results],
     )
     row(
-        "settle: parse_manifest on every rank",
+        "settle: parse_manifest (rank 0; others only for sv.save)",
         [ms(r["settle"]["parse_manifest_s"]) for r in results],
     )
     if all("pairwise" in r for r in results):

@@ -293,3 +293,23 @@ def test_a_manifest_too_large_for_readers_is_never_committed(
     with pytest.raises(sv.CheckpointError, match="readers accept"):
         sv.save({f"t{i}": np.zeros(1) for i in range(40)}, tmp_path / "ck")
     assert list(tmp_path.iterdir()) == []  # the temporary went with the failure
+
+
+def test_a_large_manifest_is_written_compact_and_reads_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from statevault.format import manifest
+
+    state = {f"t{i}": np.full(3, i, dtype=np.int32) for i in range(5)}
+    monkeypatch.setattr(manifest, "COMPACT_ROWS", 2)
+    sv.save(state, tmp_path / "compact")
+    monkeypatch.setattr(manifest, "COMPACT_ROWS", 1000)
+    sv.save(state, tmp_path / "indented")
+    compact = manifest_path(tmp_path / "compact").read_bytes()
+    assert (
+        b"\n" not in compact.rstrip(b"\n")
+        and b"\n " in manifest_path(tmp_path / "indented").read_bytes()
+    )
+    loaded = sv.load(tmp_path / "compact")
+    assert all(np.array_equal(loaded[k], v) for k, v in state.items())
+    assert sv.verify(tmp_path / "compact").ok
