@@ -204,3 +204,7 @@ def test_distributed_save_to_an_object_store_and_reshard(s3_bucket: Any) -> None
     assert {n.split("-")[1] for n in names if n.startswith("data-")} == {"r00000", "r00001"}
     loaded = run_ranks(work.s3_save_and_reshard, 3, url, options, False)
     assert_same(loaded[1], saved[0])
+
+
+def test_saving_on_the_chief_alone_remains_available(tmp_path: Path) -> None:
+    assert run_ranks(work.chief_only, 2, str(tmp_path / "chief")) == ["[0.0, 0.0, 0.0, 0.0]"] * 2

@@ -43,15 +43,21 @@ def save(
     metadata: Any = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    collective: bool = True,
 ) -> Manifest:
     """Save ``state`` as a committed checkpoint at ``path`` (a path or any fsspec URL).
 
-    Returns its manifest. ``storage_options`` go to fsspec (endpoint, credentials). Example::
+    Returns its manifest. ``storage_options`` go to fsspec (endpoint, credentials). Inside a
+    ``torch.distributed`` job every rank calls ``save`` and each writes its share
+    (docs/distributed.md); ``collective=False`` saves from this process alone (say, only on
+    rank 0, with full tensors), no other rank taking part. Example::
 
         sv.save({"epoch": 10, "model": model, "optimizer": opt, "loss": 0.02}, "ckpt/epoch10")
     """
     target = resolve(path, storage_options)
-    return save_checkpoint(state, target, metadata=metadata, overwrite=overwrite)
+    return save_checkpoint(
+        state, target, metadata=metadata, overwrite=overwrite, collective=collective
+    )
 
 
 def save_checkpoint(
@@ -61,9 +67,10 @@ def save_checkpoint(
     metadata: Any = None,
     overwrite: bool = False,
     extra_info: Mapping[str, Any] | None = None,
+    collective: bool = True,
 ) -> Manifest:
     """:func:`save` for callers that add manifest info (the manager: run id, step, metrics)."""
-    saver = new_saver(asynchronous=False)
+    saver = new_saver(asynchronous=False, collective=collective)
     future = saver.save(
         state, directory, metadata=metadata, overwrite=overwrite, extra_info=extra_info
     )

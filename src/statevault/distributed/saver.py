@@ -415,10 +415,13 @@ def _as_manifest(future: Future[Manifest | None]) -> Future[Manifest]:
     return future  # type: ignore[return-value]  # rank 0's result; others settle via wait()
 
 
-def new_saver(*, asynchronous: bool, staging_budget_bytes: int | None = None) -> Saver:
-    """The saver for this process: a :class:`DistributedSaver` inside a job of several ranks,
-    else a plain :class:`Saver` (which hands sharded states to a one-rank DistributedSaver)."""
-    if rank_and_world()[1] > 1:
+def new_saver(
+    *, asynchronous: bool, staging_budget_bytes: int | None = None, collective: bool = True
+) -> Saver:
+    """The saver for this process: a :class:`DistributedSaver` inside a job of several ranks
+    (unless ``collective`` is False: this process saves alone), else a plain :class:`Saver`
+    (which hands sharded states to a one-rank DistributedSaver)."""
+    if collective and rank_and_world()[1] > 1:
         return DistributedSaver(
             asynchronous=asynchronous, staging_budget_bytes=staging_budget_bytes
         )
