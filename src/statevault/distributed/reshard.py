@@ -84,25 +84,32 @@ def box_entry(logical: Logical, box: Box) -> TensorEntry:
 def read_box(regions: RegionReader, logical: Logical, box: Box, out: memoryview) -> None:
     """Fill ``out`` (the C-ordered bytes of ``box``) from the stored chunks, verified."""
     itemsize = logical.itemsize
+    out = out.cast("B") if out.format != "B" else out
     target = _items(out, itemsize, box.sizes)
     stored = [chunk for chunk, _ in logical.chunks]
     jobs = overlaps(stored, box)
     if len(jobs) == 1 or not jobs:
         for index, common in jobs:
-            _copy_overlap(regions, logical.chunks[index], common, box, target, itemsize)
+            _copy_overlap(regions, logical.chunks[index], common, box, target, out, itemsize)
         return
     with ThreadPoolExecutor(min(_READ_THREADS, len(jobs))) as pool:
         futures = [
-            pool.submit(_copy_overlap, regions, logical.chunks[i], common, box, target, itemsize)
+            pool.submit(
+                _copy_overlap, regions, logical.chunks[i], common, box, target, out, itemsize
+            )
             for i, common in jobs
         ]
         for future in futures:
             future.result()
 
 
+def _whole_rows(region: Box, outer: Box) -> bool:
+    """Whether ``region`` spans every trailing dimension of ``outer`` (whole rows of it)."""
+    return region.sizes[1:] == outer.sizes[1:]
+
+
 def _items(view: memoryview, itemsize: int, shape: tuple[int, ...]) -> np.ndarray:
-    flat = view.cast("B") if view.format != "B" else view
-    return np.frombuffer(flat, dtype=np.dtype(f"V{itemsize}")).reshape(shape)
+    return np.frombuffer(view, dtype=np.dtype(f"V{itemsize}")).reshape(shape)
 
 
 def _copy_overlap(
@@ -111,11 +118,22 @@ def _copy_overlap(
     common: Box,
     box: Box,
     target: np.ndarray,
+    out: memoryview,
     itemsize: int,
 ) -> None:
-    """Read the rows of ``chunk`` that hold ``common`` and copy ``common`` into ``target``."""
+    """Read the rows of ``chunk`` that hold ``common`` and copy ``common`` into ``target``
+    (whose bytes are ``out``)."""
     chunk_box, entry = chunk
     inside = common.relative_to(chunk_box)
+    if chunk_box.sizes and _whole_rows(common, chunk_box) and _whole_rows(common, box):
+        # Row sharding on both sides: the overlap is one contiguous run of bytes in the chunk
+        # and in the destination, read straight into place (no intermediate buffer).
+        row_bytes = math.prod(common.sizes[1:]) * itemsize
+        first = (common.offsets[0] - box.offsets[0]) * row_bytes
+        size = common.sizes[0] * row_bytes
+        start = inside.offsets[0] * row_bytes
+        regions.read_span(entry, start, start + size, out[first : first + size])
+        return
     destination = tuple(
         slice(o, o + s) for o, s in zip(common.relative_to(box).offsets, common.sizes, strict=True)
     )
