@@ -19,7 +19,7 @@ and for a load: ``size`` of every file, then ``read_into`` of the byte ranges ne
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 
 class WriteHandle(Protocol):
@@ -39,6 +39,34 @@ class WriteHandle(Protocol):
         value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None: ...
+
+
+_Handle = TypeVar("_Handle", bound="CommitsOnExit")
+
+
+class CommitsOnExit:
+    """``with`` support for write handles: ``close()`` (durable) on success, ``abort()`` when
+    the block raised."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Handle) -> _Handle:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class Storage(Protocol):

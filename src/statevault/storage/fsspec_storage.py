@@ -30,11 +30,11 @@ import posixpath
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from statevault.errors import StorageError
 from statevault.format.names import MANIFEST_NAME
+from statevault.storage.base import CommitsOnExit
 
 PART_BYTES = 16 << 20
 UPLOAD_CONCURRENCY = int(os.environ.get("STATEVAULT_UPLOAD_CONCURRENCY", "4"))
@@ -62,7 +62,7 @@ def _malloc_trim() -> Any:
         return None
 
 
-class FsspecWriteHandle:
+class FsspecWriteHandle(CommitsOnExit):
     def __init__(self, storage: FsspecStorage, path: str) -> None:
         self.storage = storage
         self.path = path
@@ -108,20 +108,6 @@ class FsspecWriteHandle:
         with contextlib.suppress(Exception):
             self.storage.fs.rm_file(self.path)
         self._release()
-
-    def __enter__(self) -> FsspecWriteHandle:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class FsspecStorage:

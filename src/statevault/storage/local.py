@@ -11,14 +11,14 @@ import contextlib
 import os
 import shutil
 import uuid
-from types import TracebackType
 
 from statevault.format.names import MANIFEST_NAME
+from statevault.storage.base import CommitsOnExit
 
 _MAX_WRITE = 1 << 30  # per syscall; Linux caps a single write at ~2 GiB anyway
 
 
-class LocalWriteHandle:
+class LocalWriteHandle(CommitsOnExit):
     """A file opened for exclusive creation; ``close`` fsyncs it."""
 
     def __init__(self, path: str) -> None:
@@ -48,20 +48,6 @@ class LocalWriteHandle:
             self.fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-    def __enter__(self) -> LocalWriteHandle:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class LocalStorage:
