@@ -19,7 +19,14 @@ from typing import Any
 from statevault.distributed.geometry import Box, GeometryError, check_chunks
 from statevault.engine.plan import SavePlan
 from statevault.errors import DistributedSaveError
-from statevault.format.manifest import ChunkEntry, FileEntry, Manifest, ShardedEntry, TensorEntry
+from statevault.format.manifest import (
+    ChunkEntry,
+    FileEntry,
+    Manifest,
+    ShardedEntry,
+    TensorEntry,
+    tensor_row_json,
+)
 
 
 @dataclass
@@ -39,19 +46,12 @@ class Part:
             "rank": self.rank,
             "error": self.error,
             "files": [asdict(f) for f in self.files],
-            "rows": {str(k): _row_json(v) for k, v in self.rows.items()},
+            "rows": {str(k): tensor_row_json(v) for k, v in self.rows.items()},
             "chunks": {str(k): v for k, v in self.chunks.items()},
             "per_rank": self.per_rank,
             "timings": self.timings,
         }
         return json.dumps(doc, allow_nan=False).encode("ascii")
-
-
-def _row_json(row: TensorEntry) -> dict[str, Any]:
-    doc = asdict(row)
-    doc["shape"] = list(row.shape)
-    doc["blocks"] = list(row.blocks)
-    return doc
 
 
 def part_from_json(data: bytes, rank: int) -> Part:

@@ -118,7 +118,7 @@ def serialize_manifest(manifest: Manifest) -> bytes:
         "info": manifest.info,
         "metadata": manifest.metadata,
         "files": [asdict(f) for f in manifest.files],
-        "tensors": [_tensor_to_json(t) for t in manifest.tensors],
+        "tensors": [tensor_row_json(t) for t in manifest.tensors],
         "tree": manifest.tree,
     }
     if manifest.format_version >= 2:
@@ -136,7 +136,8 @@ def serialize_manifest(manifest: Manifest) -> bytes:
     return head + body_bytes + b"}\n"
 
 
-def _tensor_to_json(tensor: TensorEntry) -> dict[str, Any]:
+def tensor_row_json(tensor: TensorEntry) -> dict[str, Any]:
+    """A ``tensors`` row as written in manifest.json (and in distributed part reports)."""
     # Built by hand: dataclasses.asdict deep-copies every field, which dominated the writing of
     # manifests of hundreds of thousands of rows.
     row: dict[str, Any] = {
