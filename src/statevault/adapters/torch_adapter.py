@@ -113,7 +113,8 @@ class TorchAdapter:
         dtype = torch_dtype(entry.dtype)
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
-        return torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(entry.shape)
+        # frombuffer in the tensor's own dtype: one view fewer (this runs once per tensor).
+        return torch.frombuffer(view, dtype=dtype).view(entry.shape)
 
     def writable_bytes(self, array: Any) -> memoryview:
         return _memoryview(array)

@@ -414,10 +414,24 @@ def _key_text(key_node: Node) -> str:
 
 def tensor_ids(node: Node, depth: int = 0, tag: str = "tensor") -> set[int]:
     """The ids of every ``tag`` node (``tensor`` or ``sharded``) an encoded subtree refers to
-    (what a partial load must read)."""
+    (what a partial load must read). Nodes deeper than ``MAX_DEPTH`` are not visited (the
+    decoder refuses such trees)."""
     found: set[int] = set()
-    if depth > MAX_DEPTH:
-        return found
+    # A loop over an explicit stack, not recursion: this walks every node of every load.
+    stack: list[tuple[Any, int]] = [(node, depth)]
+    while stack:
+        item, level = stack.pop()
+        if level > MAX_DEPTH:
+            continue
+        if type(item) is list:
+            stack.extend((child, level + 1) for child in item if type(child) in (list, dict))
+        elif type(item) is dict:
+            if item.get("$") == tag and type(item.get("id")) is int:
+                found.add(item["id"])
+            stack.extend(
+                (child, level + 1) for child in item.values() if type(child) in (list, dict)
+            )
+    return found
     if type(node) is list:
         for item in node:
             found |= tensor_ids(item, depth + 1, tag)
