@@ -62,3 +62,9 @@ class ArrayAdapter(Protocol):
     def mismatch(self, target: Any, loaded: Any) -> str | None: ...
 
     def copy_into(self, target: Any, loaded: Any) -> None: ...
+
+    def host_copy_bytes(self, target: Any, loaded: Any) -> int:
+        """The bytes ``copy_into(target, loaded)`` moves when it is a plain host memcpy that
+        releases the GIL and touches nothing else (so it may run on any thread, beside other
+        such copies); 0 when it is anything else (a device copy, a collective, a cast)."""
+        ...

@@ -85,6 +85,10 @@ class NumpyAdapter:
     def copy_into(self, target: Any, loaded: Any) -> None:
         np.copyto(target, loaded)
 
+    def host_copy_bytes(self, target: Any, loaded: Any) -> int:
+        same = type(target) is np.ndarray and target.dtype == loaded.dtype
+        return int(target.nbytes) if same and target.shape == loaded.shape else 0
+
 
 def _numpy_dtype(entry: TensorEntry) -> np.dtype[Any]:
     name = dtypes.lookup(entry.dtype).numpy

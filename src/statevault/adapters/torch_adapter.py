@@ -152,13 +152,33 @@ class TorchAdapter:
                 else:
                     target.copy_(loaded)
             return
-        same_layout = target.dtype == loaded.dtype and target.shape == loaded.shape
-        if same_layout and target.device.type == "cpu" and target.is_contiguous():
+        if _host_memcpy(target, loaded):
             if target.numel():  # one GIL-free memcpy, as in staging (see _copy_to_host)
                 _copy_to_host(loaded.detach(), _memoryview(target.detach()))
             return
         with torch.no_grad():
             target.copy_(loaded)
+
+    def host_copy_bytes(self, target: Any, loaded: Any) -> int:
+        from statevault.distributed.dtensor import is_dtensor
+
+        if is_dtensor(target) or is_dtensor(loaded) or not _host_memcpy(target, loaded):
+            return 0
+        return int(target.numel() * target.element_size())
+
+
+def _host_memcpy(target: torch.Tensor, loaded: torch.Tensor) -> bool:
+    """Whether copying ``loaded`` into ``target`` is one plain memcpy between host buffers."""
+    return (
+        target.dtype == loaded.dtype
+        and target.shape == loaded.shape
+        and target.device.type == "cpu"
+        and loaded.device.type == "cpu"
+        and target.is_contiguous()
+        and loaded.is_contiguous()
+        and not loaded.is_conj()
+        and not loaded.is_neg()
+    )
 
 
 def torch_dtype(name: str) -> torch.dtype:
