@@ -18,6 +18,7 @@ fresh host memory of the state's size.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -103,16 +104,56 @@ def read_floor(path: str, buffer: torch.Tensor) -> float:
     return time.perf_counter() - started
 
 
+def files_under(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+
+
+def evict(path: str) -> None:
+    """Drop every file under ``path`` from the page cache (``fsync``, then
+    ``posix_fadvise(DONTNEED)``): the next read of it goes to the disk. Dropping all caches
+    needs root; dropping a file's own clean pages does not."""
+    for name in files_under(path):
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_fraction(path: str) -> float:
+    """The fraction of the pages of the files under ``path`` that sit in the page cache
+    (``mincore``): how cold an evicted file really is."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    resident = total = 0
+    for name in files_under(path):
+        size = os.path.getsize(name)
+        if size == 0:
+            continue
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE)
+        finally:
+            os.close(fd)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vector = (ctypes.c_ubyte * pages)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        resident += sum(byte & 1 for byte in vector)
+        total += pages
+        mapping.close()
+    return resident / total if total else 0.0
+
+
 def warm_page_cache(path: str) -> None:
     """Read every file under ``path`` once (untimed), so that every loader meets a warm page
     cache whatever its saver did (statevault writes past the page cache with O_DIRECT)."""
     scratch = bytearray(IO_CHUNK)
-    files = (
-        [path]
-        if os.path.isfile(path)
-        else [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
-    )
-    for name in files:
+    for name in files_under(path):
         fd = os.open(name, os.O_RDONLY)
         try:
             while os.readv(fd, [scratch]):

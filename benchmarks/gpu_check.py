@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         str(args.reps),
         "--deadline-s",
         f"{max(60.0, args.budget_s - (time.perf_counter() - started)):.0f}",
+        "--no-cold",  # cold loads of 6 GiB per loader do not fit the device time of one run
     ]
     if args.dir:
         bench_args += ["--dir", args.dir]

@@ -7,9 +7,10 @@
 The state is transformer-like: fp32 weights (plus a few bf16 tensors) and AdamW moments of the
 same shapes (weights ~1/3 of the bytes, moments ~2/3), as {"model": {...}, "optimizer": {...}}
 of plain tensors on the chosen device. Every figure is the median of ``--reps`` repetitions,
-each into a fresh directory that is deleted afterwards. Loads are warm-cache (the benchmark
-cannot drop the page cache), and every loaded tensor is touched inside the timing so that a lazy
-memory map is not counted as free. See benchmarks/README.md for what each row means.
+each into a fresh directory that is deleted afterwards. Loads are timed twice: warm (the files
+read once before) and cold (each file's page cache pages dropped with ``posix_fadvise`` before
+every load; ``--no-cold`` skips these), and every loaded tensor is touched inside the timing so
+that a lazy memory map is not counted as free. See benchmarks/README.md for what each row means.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ LOAD_LIMIT = 1.2
 class Row:
     key: str
     what: str
-    group: str  # floor | save | stall | durable | load
+    group: str  # floor | save | stall | durable | load | cold
     times: list[float] = field(default_factory=list)
-    floor: str | None = None  # write | copy | read
+    floor: str | None = None  # write | copy | read | read_cold (| read_h2d on CUDA)
     note: str = ""
     error: str | None = None
     peak_extra_bytes: int | None = None
@@ -156,6 +157,12 @@ class Floors:
         )
         self.read = bench.add(Row("floor.read", "raw read floor", "floor", floor="read"))
         self.read.note = "raw file into a preallocated buffer; page cache warm"
+        self.cold: Row | None = None
+        if bench.args.cold:
+            self.cold = bench.add(
+                Row("floor.read_cold", "raw read floor, cold", "floor", floor="read_cold")
+            )
+            self.cold.note = "the same read after dropping the file's page cache pages"
         self.h2d: Row | None = None
         if cuda:
             self.h2d = bench.add(
@@ -219,13 +226,21 @@ class Floors:
         if self.h2d is not None:
             self.h2d.times.append(_floors.read_h2d_floor(self.raw, self.pinned, self.device_buffer))
 
+    def cold_read_sample(self) -> None:
+        assert self.raw is not None and self.cold is not None
+        _floors.evict(self.raw)
+        self.bench.facts.setdefault("resident_after_evict", []).append(
+            _floors.resident_fraction(self.raw)
+        )
+        self.cold.times.append(_floors.read_floor(self.raw, self.buffer))
+
     def copy_sample(self) -> None:
         self.copy.times.append(_floors.copy_floor(self.tensors, self.targets))
 
     def close(self) -> None:
         remove(self.raw)
         self.raw = None
-        for row in (self.write, self.direct, self.copy, self.read, self.h2d):
+        for row in (self.write, self.direct, self.copy, self.read, self.cold, self.h2d):
             if row is not None:
                 row.note += f" ({len(row.times)} samples)"
         del self.buffer, self.targets
@@ -253,6 +268,7 @@ def run_sync(
     """
     floor = "read_h2d" if bench.device == "cuda" else "read"
     load_rows: dict[str, Row] = {}
+    cold_rows: dict[str, Row] = {}
     for peer in peers:  # rows first, in this order, whatever order the rounds run in
         peer.row = bench.add(
             Row(f"save.{peer.key}", peer.peer.name, "save", floor="write", note=peer.peer.note)
@@ -262,6 +278,12 @@ def run_sync(
             note = getattr(loader, "load_note", "")
             load_rows[load_key] = bench.add(
                 Row(f"load.{load_key}", what, "load", floor=floor, note=note)
+            )
+    for peer in peers if bench.args.cold else []:
+        for load_key, what, loader in peer.loads:
+            note = getattr(loader, "load_note", "")
+            cold_rows[load_key] = bench.add(
+                Row(f"cold.{load_key}", what, "cold", floor="read_cold", note=note)
             )
     for peer in peers:
         try:
@@ -294,6 +316,10 @@ def run_sync(
                 floors.read_sample()
                 for load_key, _what, loader in peer.loads:
                     run_loads(bench, loader, load_rows[load_key], path, log)
+                if cold_rows and peer.loads:
+                    floors.cold_read_sample()
+                for load_key, _what, loader in peer.loads if cold_rows else []:
+                    run_loads(bench, loader, cold_rows[load_key], path, log, cold=True)
             remove(path)
         if last:
             break
@@ -301,6 +327,8 @@ def run_sync(
         if peer.failed:
             for load_key, _what, _loader in peer.loads:
                 load_rows[load_key].error = "no checkpoint to load: its save failed"
+                if load_key in cold_rows:
+                    cold_rows[load_key].error = "no checkpoint to load: its save failed"
         try:
             peer.peer.close()
         except Exception as exc:
@@ -328,9 +356,15 @@ def save_once(bench: Bench, peer: SyncPeer, rep: int) -> str | None:
 
 
 def run_loads(
-    bench: Bench, peer: _peers.Peer, row: Row, path: str, log: Callable[[str], None]
+    bench: Bench,
+    peer: _peers.Peer,
+    row: Row,
+    path: str,
+    log: Callable[[str], None],
+    cold: bool = False,
 ) -> None:
-    """R timed loads (each with every tensor touched), then a bit-exact check of the last."""
+    """R timed loads (each with every tensor touched), then a bit-exact check of the last;
+    ``cold``: the checkpoint's files are dropped from the page cache before each load."""
     note = row.note
     expected = _peers.flatten(bench.state)
     try:
@@ -339,6 +373,8 @@ def run_loads(
         for _ in range(bench.args.reps):
             loaded = None
             gc.collect()
+            if cold:
+                _floors.evict(path)
             started = time.perf_counter()
             loaded = peer.load(path, target)
             _peers.touch(loaded, bench.args.touch)
@@ -502,6 +538,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="how loads touch tensors: a pass over every byte (default) or one byte per page",
     )
     parser.add_argument(
+        "--no-cold",
+        dest="cold",
+        action="store_false",
+        help="skip the cold loads (each checkpoint's page cache dropped before each load)",
+    )
+    parser.add_argument(
         "--deadline-s",
         type=float,
         default=None,
@@ -644,6 +686,7 @@ FLOOR_NAMES = {
     "write": "write floor",
     "copy": "copy floor",
     "read": "read floor",
+    "read_cold": "cold read floor",
     "read_h2d": "read+H2D floor",
 }
 
@@ -728,7 +771,13 @@ def targets(bench: Bench) -> list[dict[str, Any]]:
                 "pass": load.seconds <= st.seconds,
             }
         )
+    cold = ratio_of("cold.statevault")
+    check("(no target) cold load (verify=True) vs cold read floor", cold, None, fmt(cold))
     return checks
+
+
+def _resident(values: Sequence[float] | None) -> str:
+    return "not measured" if not values else f"{max(values):.1%} of the pages at most"
 
 
 def _loadavg(values: Sequence[float] | None) -> str:
@@ -764,6 +813,11 @@ def report(
         ("save", "sync saves (durable)"),
         ("async", "async saves (stall: until training may mutate the state; durable: fsynced)"),
         ("load", f"loads (warm page cache; tensors touched: {args.touch})"),
+        (
+            "cold",
+            "cold loads (the checkpoint's page cache dropped before each load; tensors "
+            f"touched: {args.touch})",
+        ),
     ]
     for group, heading in groups:
         table.add_section()
@@ -832,7 +886,9 @@ def report(
             if k in ("cpu_count", "cpu", "ram_gib", "device", "torch", "filesystem", "git")
         ),
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        "loads are warm-cache: dropping the page cache is not available here",
+        "warm loads: files read once before; cold loads: each file's pages dropped "
+        "(fsync + posix_fadvise DONTNEED) before every load; resident after a drop: "
+        + _resident(bench.facts.get("resident_after_evict")),
         "load average (1, 5, 15 min) at start {} and end {} on {} CPUs{}".format(
             _loadavg(bench.facts.get("loadavg_start")),
             _loadavg(bench.facts.get("loadavg_end")),
