@@ -14,32 +14,42 @@ from __future__ import annotations
 import functools
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from statevault.engine.parallel import cpu_threads, run_parallel
-from statevault.format.checksum import crc32c_of, parse_checksum
+from statevault.format.checksum import ALGORITHM, crc32c_of, parse_checksum
 from statevault.format.manifest import BLOCK_BYTES, TensorEntry
 
+PREFIX = ALGORITHM + ":"
 
-@dataclass(frozen=True)
-class _Piece:
+
+class _Piece(NamedTuple):
     key: int  # which tensor (the caller's key)
     view: memoryview
     start: int  # the running CRC before the piece
     expected: int  # the running CRC after it
 
 
+def _crc_value(text: str) -> int:
+    """The value of a ``crc32c:xxxxxxxx`` checksum of a validated manifest row (the manifest
+    validator checked the text; this runs for every block of every load, so it only slices)."""
+    if not text.startswith(PREFIX):
+        return parse_checksum(text)  # raises, naming what is wrong
+    return int(text[len(PREFIX) :], 16)
+
+
 def pieces_of(key: int, entry: TensorEntry, view: memoryview) -> list[_Piece]:
     """The pieces checking ``view`` (the tensor's bytes) against ``entry``'s checksums."""
-    final = parse_checksum(entry.checksum)
-    blocks = [parse_checksum(b) for b in entry.blocks]
-    if not blocks or len(blocks) != entry.block_count() - 1:
+    final = _crc_value(entry.checksum)
+    if not entry.blocks or len(entry.blocks) != entry.block_count() - 1:
         return [_Piece(key, view, 0, final)]
-    ends = [*blocks, final]
-    return [
-        _Piece(key, view[k * BLOCK_BYTES : (k + 1) * BLOCK_BYTES], ends[k - 1] if k else 0, end)
-        for k, end in enumerate(ends)
-    ]
+    ends = [*map(_crc_value, entry.blocks), final]
+    pieces = []
+    start = 0
+    for k, end in enumerate(ends):
+        pieces.append(_Piece(key, view[k * BLOCK_BYTES : (k + 1) * BLOCK_BYTES], start, end))
+        start = end
+    return pieces
 
 
 def failed(items: Sequence[tuple[int, TensorEntry, memoryview]], threads: int = 0) -> set[int]:
