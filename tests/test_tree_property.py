@@ -105,3 +105,26 @@ def _has_arrays(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_has_arrays(v) for v in value)
     return False
+
+
+@given(value=trees)
+def test_tensor_ids_are_exactly_the_tensors_the_decoder_resolves(value: Any) -> None:
+    """``tree.tensor_ids`` (what a load reads and verifies) names every tensor node the
+    decoder asks for, and nothing else."""
+    ids = iter(range(1 << 30))
+
+    def leaf(obj: Any, path: str) -> Any:
+        if isinstance(obj, (np.ndarray, torch.Tensor)):
+            return {"$": "tensor", "id": next(ids)}
+        return None
+
+    encoded = tree.encode({"root": value}, leaf)
+    resolved: set[int] = set()
+
+    def resolve(index: int) -> int:
+        resolved.add(index)
+        return index
+
+    tree.decode(encoded, resolve)
+    assert tree.tensor_ids(encoded) == resolved
+    assert tree.tensor_ids(encoded, tag="sharded") == set()

@@ -14,6 +14,7 @@ so that a report names all of them.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import stat
@@ -407,10 +408,8 @@ def _ask_for_huge_pages(mapping: mmap.mmap) -> None:
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         mapping.madvise(advice)
-    except OSError:
-        pass
 
 
 def _file_problem(

@@ -412,25 +412,37 @@ def _key_text(key_node: Node) -> str:
     return join_path("", key)
 
 
+_LEAF_TAGS = frozenset({"tensor", "sharded"})  # nodes that hold only an id: nothing inside
+
+
 def tensor_ids(node: Node, depth: int = 0, tag: str = "tensor") -> set[int]:
     """The ids of every ``tag`` node (``tensor`` or ``sharded``) an encoded subtree refers to
     (what a partial load must read). Nodes deeper than ``MAX_DEPTH`` are not visited (the
-    decoder refuses such trees)."""
+    decoder refuses such trees), nor the inside of tensor nodes (the decoder reads only their
+    ``id``)."""
     found: set[int] = set()
     # A loop over an explicit stack, not recursion: this walks every node of every load.
     stack: list[tuple[Any, int]] = [(node, depth)]
+    pop, push = stack.pop, stack.append
     while stack:
-        item, level = stack.pop()
+        item, level = pop()
         if level > MAX_DEPTH:
             continue
-        if type(item) is list:
-            stack.extend((child, level + 1) for child in item if type(child) in (list, dict))
-        elif type(item) is dict:
-            if item.get("$") == tag and type(item.get("id")) is int:
-                found.add(item["id"])
-            stack.extend(
-                (child, level + 1) for child in item.values() if type(child) in (list, dict)
-            )
+        if type(item) is dict:
+            kind = item.get("$")
+            if type(kind) is str and kind in _LEAF_TAGS:
+                if kind == tag and type(item.get("id")) is int:
+                    found.add(item["id"])
+                continue
+            children: Any = item.values()
+        elif type(item) is list:
+            children = item
+        else:
+            continue
+        level += 1
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                push((child, level))
     return found
     if type(node) is list:
         for item in node:
