@@ -127,6 +127,32 @@ def test_blocks_are_recorded_and_a_span_reads_only_its_blocks(three_blocks: Path
     assert bytes(out) == expected[BLOCK_BYTES + 8 : BLOCK_BYTES + 24]
 
 
+def test_a_local_span_lands_in_place_with_side_buffers_under_a_block(
+    three_blocks: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A span whose edge blocks reach outside it is read straight into the destination; only
+    the edge parts outside it go through side buffers, each smaller than a block (not a buffer
+    of the whole widened span, which for a large tensor would double the memory of a load)."""
+    checkpoint = open_checkpoint(three_blocks)
+    row = checkpoint.manifest.tensors[0]
+    out = memoryview(bytearray(BLOCK_BYTES + 32))
+    buffers: list[int] = []
+    original = RegionReader._read
+
+    def recording(self: RegionReader, entry: Any, start: int, view: memoryview) -> None:
+        if view.obj is not out.obj:
+            buffers.append(len(view))
+        original(self, entry, start, view)
+
+    monkeypatch.setattr(RegionReader, "_read", recording)
+    with RegionReader(checkpoint.reader, verify=True) as regions:
+        regions.read_span(row, 100, 100 + len(out), out)
+        assert regions.bytes_read == 2 * BLOCK_BYTES  # the two blocks holding the span
+    expected = np.arange(3 * BLOCK_BYTES // 4, dtype=np.float32).tobytes()
+    assert bytes(out) == expected[100 : 100 + len(out)]
+    assert sorted(buffers) == [100, BLOCK_BYTES - 132]
+
+
 def test_damage_is_caught_in_the_block_read_and_only_there(three_blocks: Path) -> None:
     checkpoint = open_checkpoint(three_blocks)
     row = checkpoint.manifest.tensors[0]

@@ -2,9 +2,10 @@
 
 A load into another layout (resharding) or of a subtree needs only some bytes of a tensor. The
 writer records the running CRC32C of every tensor at each ``BLOCK_BYTES`` boundary, so a span is
-read widened to whole blocks, the CRC is continued from the value stored at the first block's
-start and compared with the value stored at the last block's end: every byte handed out is
-verified, and at most two partial blocks more than asked for are read.
+read widened to whole blocks (the span itself straight into its destination, the parts of the
+edge blocks outside it into small side buffers), the CRC is continued from the value stored at
+the first block's start and compared with the value stored at the last block's end: every byte
+handed out is verified, and at most two partial blocks more than asked for are read.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from statevault.format.checksum import crc32c_of, parse_checksum
 from statevault.format.manifest import BLOCK_BYTES, TensorEntry
 
 _READ_BYTES = 16 << 20
+# From an object store, a span whose edge blocks reach outside it is fetched whole, in one
+# request, into a buffer (a round trip costs more than the copy), unless it is longer than this:
+# then the span goes straight into its destination and the edges cost two small requests more.
+WHOLE_SPAN_BYTES = 64 << 20
 
 
 class RegionReader:
@@ -56,7 +61,11 @@ class RegionReader:
             return self._files[name]
 
     def read_span(self, entry: TensorEntry, start: int, stop: int, out: memoryview) -> None:
-        """Fill ``out`` with bytes [start, stop) of the tensor ``entry``, verified."""
+        """Fill ``out`` with bytes [start, stop) of the tensor ``entry``, verified.
+
+        Locally the span goes straight into ``out``; only the parts of its first and last
+        blocks that lie outside it are read into side buffers (each under one block), so that
+        the running CRC can be checked from the first block's start to the last block's end."""
         if stop <= start:
             return
         if not self.verify:
@@ -67,19 +76,31 @@ class RegionReader:
             first_block, last_block = 0, entry.block_count() - 1
         low = first_block * BLOCK_BYTES
         high = min((last_block + 1) * BLOCK_BYTES, entry.nbytes)
-        exact = low == start and high == stop
-        buffer = out if exact else memoryview(bytearray(high - low))
-        self._read(entry, low, buffer)
-        checksum = crc32c_of(buffer, _running_crc(entry, first_block))
+        if self.reader.location.local or high - low > WHOLE_SPAN_BYTES:
+            before = memoryview(bytearray(start - low))
+            after = memoryview(bytearray(high - stop))
+            self._read(entry, low, before)
+            self._read(entry, start, out)
+            self._read(entry, stop, after)
+            parts: tuple[memoryview, ...] = (before, out, after)
+        else:  # an object store: one request for the widened span, then a copy
+            span = out if (low, high) == (start, stop) else memoryview(bytearray(high - low))
+            self._read(entry, low, span)
+            parts = (span,)
+        checksum = _running_crc(entry, first_block)
+        for part in parts:
+            checksum = crc32c_of(part, checksum)
         if checksum != _running_crc(entry, last_block + 1):
             raise CorruptCheckpointError(
                 f"{self.reader.location.url} is damaged: tensor {entry.path} in {entry.file}: "
                 f"checksum mismatch in bytes [{low}, {high})"
             )
-        if not exact:
-            out[:] = buffer[start - low : stop - low]
+        if len(parts) == 1 and parts[0] is not out:
+            out[:] = parts[0][start - low : stop - low]
 
     def _read(self, entry: TensorEntry, start: int, out: memoryview) -> None:
+        if not len(out):
+            return
         source = self._source(entry.file)
         try:
             for done in range(0, len(out), _READ_BYTES):
