@@ -375,3 +375,20 @@ def chief_only(rank: int, world: int, path: str) -> str | None:
         assert manifest.format_version == 1 and manifest.ranks == 1
     dist.barrier()
     return str(sv.load(path)["w"].tolist())
+
+
+def many_sharded_save(rank: int, world: int, path: str, count: int) -> None:
+    """``count`` small row-sharded DTensors (and one tensor of several blocks, split unevenly
+    across the ranks), saved to ``path``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    generator = torch.Generator().manual_seed(11)
+    state = {
+        f"w{i}": distribute_tensor(torch.randn(8, 5, generator=generator), mesh, [Shard(0)])
+        for i in range(count)
+    }
+    big = torch.randn(1001, 1024, generator=generator)  # ~4 MiB: chunk edges inside blocks
+    state["big"] = distribute_tensor(big, mesh, [Shard(0)])
+    sv.save(state, path)

@@ -22,6 +22,7 @@ from statevault.distributed.reshard import (
     plain_logical,
     read_box,
     sharded_logical,
+    spans_of_box,
 )
 from statevault.engine.regions import RegionReader
 from statevault.errors import CheckpointError, CorruptCheckpointError
@@ -62,6 +63,8 @@ def read_tensors(
     if not targets and not sharded_ids:
         return result
     with RegionReader(checkpoint.reader, verify) as regions:
+        if not checkpoint.location.local:  # round trips: announce every span, fetched merged
+            regions.prefetch(_spans(checkpoint, targets, sharded_ids))
         for (kind, index), target in targets.items():
             value = _read_into_layout(regions, _logical(checkpoint, kind, index), target)
             (result.plain if kind == "tensor" else result.sharded)[index] = value
@@ -71,6 +74,22 @@ def read_tensors(
                 result.sharded[index] = _read_whole(regions, logical, device)
         result.bytes_read = regions.bytes_read
     return result
+
+
+def _spans(
+    checkpoint: OpenCheckpoint, targets: Mapping[tuple[str, int], Any], sharded_ids: list[int]
+) -> list[tuple[Any, int, int]]:
+    """Every byte span the reads below will ask for, in the order they ask."""
+    from statevault.distributed.dtensor import local_box
+
+    spans = []
+    for (kind, index), target in targets.items():
+        spans += spans_of_box(_logical(checkpoint, kind, index), local_box(target))
+    for index in sharded_ids:
+        if ("sharded", index) not in targets:
+            logical = _logical(checkpoint, "sharded", index)
+            spans += spans_of_box(logical, Box((0,) * len(logical.shape), logical.shape))
+    return spans
 
 
 def _logical(checkpoint: OpenCheckpoint, kind: str, index: int) -> Logical:

@@ -103,6 +103,35 @@ def read_box(regions: RegionReader, logical: Logical, box: Box, out: memoryview)
             future.result()
 
 
+def spans_of_box(logical: Logical, box: Box) -> list[tuple[TensorEntry, int, int]]:
+    """The byte spans (stored tensor, start, stop) that :func:`read_box` reads for ``box``."""
+    itemsize = logical.itemsize
+    stored = [chunk for chunk, _ in logical.chunks]
+    spans = []
+    for index, common in overlaps(stored, box):
+        chunk_box, entry = logical.chunks[index]
+        start, stop = _overlap_span(chunk_box, common, box, itemsize)
+        spans.append((entry, start, stop))
+    return spans
+
+
+def _overlap_span(chunk_box: Box, common: Box, box: Box, itemsize: int) -> tuple[int, int]:
+    """The bytes of the stored chunk read for the overlap ``common`` of it and ``box``: the
+    overlap itself when it is whole rows on both sides, else the chunk's rows that hold it."""
+    inside = common.relative_to(chunk_box)
+    if chunk_box.sizes and _whole_rows(common, chunk_box) and _whole_rows(common, box):
+        row_bytes = math.prod(common.sizes[1:]) * itemsize
+        start = inside.offsets[0] * row_bytes
+        return start, start + common.sizes[0] * row_bytes
+    if not chunk_box.sizes:  # a 0-d tensor: one item
+        return 0, itemsize
+    row_items = math.prod(chunk_box.sizes[1:])
+    first, stop = flat_span(chunk_box.sizes, inside)
+    first_row = first // row_items if row_items else 0
+    end_row = -(-stop // row_items) if row_items else 0
+    return first_row * row_items * itemsize, end_row * row_items * itemsize
+
+
 def _whole_rows(region: Box, outer: Box) -> bool:
     """Whether ``region`` spans every trailing dimension of ``outer`` (whole rows of it)."""
     return region.sizes[1:] == outer.sizes[1:]
@@ -125,34 +154,29 @@ def _copy_overlap(
     (whose bytes are ``out``)."""
     chunk_box, entry = chunk
     inside = common.relative_to(chunk_box)
+    start, stop = _overlap_span(chunk_box, common, box, itemsize)
     if chunk_box.sizes and _whole_rows(common, chunk_box) and _whole_rows(common, box):
         # Row sharding on both sides: the overlap is one contiguous run of bytes in the chunk
         # and in the destination, read straight into place (no intermediate buffer).
         row_bytes = math.prod(common.sizes[1:]) * itemsize
         first = (common.offsets[0] - box.offsets[0]) * row_bytes
-        size = common.sizes[0] * row_bytes
-        start = inside.offsets[0] * row_bytes
-        regions.read_span(entry, start, start + size, out[first : first + size])
+        regions.read_span(entry, start, stop, out[first : first + stop - start])
         return
     destination = tuple(
         slice(o, o + s) for o, s in zip(common.relative_to(box).offsets, common.sizes, strict=True)
     )
     if not chunk_box.sizes:  # a 0-d tensor: one item
         data = bytearray(itemsize)
-        regions.read_span(entry, 0, itemsize, memoryview(data))
+        regions.read_span(entry, start, stop, memoryview(data))
         target[()] = np.frombuffer(bytes(data), dtype=target.dtype)[0]
         return
     # Whole rows of the chunk's first dimension: the span is widened to row boundaries so that
     # the bytes read reshape to (rows, *trailing dims) and the region is a plain slice of them.
-    row_items = math.prod(chunk_box.sizes[1:])
-    first, stop = flat_span(chunk_box.sizes, inside)
-    first_row = first // row_items if row_items else 0
-    end_row = -(-stop // row_items) if row_items else 0
-    rows = end_row - first_row
-    data = bytearray(rows * row_items * itemsize)
-    regions.read_span(
-        entry, first_row * row_items * itemsize, end_row * row_items * itemsize, memoryview(data)
-    )
+    row_bytes = math.prod(chunk_box.sizes[1:]) * itemsize
+    first_row = start // row_bytes if row_bytes else 0
+    rows = (stop - start) // row_bytes if row_bytes else 0
+    data = bytearray(stop - start)
+    regions.read_span(entry, start, stop, memoryview(data))
     block = np.frombuffer(data, dtype=target.dtype).reshape((rows, *chunk_box.sizes[1:]))
     source = (
         slice(inside.offsets[0] - first_row, inside.offsets[0] - first_row + inside.sizes[0]),

@@ -11,8 +11,10 @@ handed out is verified, and at most two partial blocks more than asked for are r
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from types import TracebackType
 
+from statevault.engine.prefetch import Prefetcher
 from statevault.engine.reader import CheckpointReader
 from statevault.errors import CorruptCheckpointError
 from statevault.format.checksum import crc32c_of, parse_checksum
@@ -35,6 +37,7 @@ class RegionReader:
         self.bytes_read = 0
         self._files: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._prefetcher: Prefetcher | None = None
 
     def __enter__(self) -> RegionReader:
         return self
@@ -45,6 +48,9 @@ class RegionReader:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
         for source in self._files.values():
             source.close()  # type: ignore[attr-defined]
         self._files.clear()
@@ -71,12 +77,8 @@ class RegionReader:
         if not self.verify:
             self._read(entry, start, out)
             return
-        first_block, last_block = start // BLOCK_BYTES, (stop - 1) // BLOCK_BYTES
-        if len(entry.blocks) != entry.block_count() - 1:  # no block checksums: whole tensor
-            first_block, last_block = 0, entry.block_count() - 1
-        low = first_block * BLOCK_BYTES
-        high = min((last_block + 1) * BLOCK_BYTES, entry.nbytes)
-        if self.reader.location.local or high - low > WHOLE_SPAN_BYTES:
+        first_block, last_block, low, high = _widened(entry, start, stop)
+        if self._in_place(low, high):
             before = memoryview(bytearray(start - low))
             after = memoryview(bytearray(high - stop))
             self._read(entry, low, before)
@@ -98,9 +100,56 @@ class RegionReader:
         if len(parts) == 1 and parts[0] is not out:
             out[:] = parts[0][start - low : stop - low]
 
+    def prefetch(self, spans: Sequence[tuple[TensorEntry, int, int]]) -> None:
+        """Announce the spans (tensor, start, stop) that ``read_span`` will be asked for: from
+        an object store they are then fetched ahead in merged requests (``engine/prefetch``).
+        Nothing changes for a local checkpoint."""
+        if self.reader.location.local or self._prefetcher is not None:
+            return
+        ranges = [
+            (entry.file, entry.offset + low, entry.offset + high)
+            for entry, start, stop in spans
+            for low, high in self._reads_of(entry, start, stop)
+        ]
+        self._prefetcher = Prefetcher(ranges, self._fetch)
+
+    @property
+    def requests_planned(self) -> int:
+        return 0 if self._prefetcher is None else self._prefetcher.request_count
+
+    def _reads_of(self, entry: TensorEntry, start: int, stop: int) -> list[tuple[int, int]]:
+        """The (start, stop) ranges ``read_span(entry, start, stop)`` reads (see there)."""
+        if stop <= start:
+            return []
+        if not self.verify:
+            return [(start, stop)]
+        _, _, low, high = _widened(entry, start, stop)
+        if self._in_place(low, high):
+            return [(a, b) for a, b in ((low, start), (start, stop), (stop, high)) if b > a]
+        return [(low, high)]
+
+    def _in_place(self, low: int, high: int) -> bool:
+        """Whether a widened span is read in three parts, the span itself in place."""
+        return self.reader.location.local or high - low > WHOLE_SPAN_BYTES
+
+    def _fetch(self, name: str, offset: int, size: int) -> bytes | bytearray | memoryview:
+        source = self._source(name)
+        return source.read_range(offset, size)  # type: ignore[attr-defined, no-any-return]
+
     def _read(self, entry: TensorEntry, start: int, out: memoryview) -> None:
         if not len(out):
             return
+        prefetched = self._prefetcher
+        try:
+            if prefetched is not None and prefetched.read(entry.file, entry.offset + start, out):
+                with self._lock:
+                    self.bytes_read += len(out)
+                return
+        except (OSError, EOFError) as exc:
+            raise CorruptCheckpointError(
+                f"{self.reader.location.url} is damaged: tensor {entry.path} in {entry.file}: "
+                f"read failed ({exc})"
+            ) from None
         source = self._source(entry.file)
         try:
             for done in range(0, len(out), _READ_BYTES):
@@ -113,6 +162,17 @@ class RegionReader:
             ) from None
         with self._lock:
             self.bytes_read += len(out)
+
+
+def _widened(entry: TensorEntry, start: int, stop: int) -> tuple[int, int, int, int]:
+    """(first block, last block, low, high): the whole blocks holding bytes [start, stop) of
+    ``entry`` (the whole tensor when it has no block checksums)."""
+    first_block, last_block = start // BLOCK_BYTES, (stop - 1) // BLOCK_BYTES
+    if len(entry.blocks) != entry.block_count() - 1:
+        first_block, last_block = 0, entry.block_count() - 1
+    low = first_block * BLOCK_BYTES
+    high = min((last_block + 1) * BLOCK_BYTES, entry.nbytes)
+    return first_block, last_block, low, high
 
 
 def _running_crc(entry: TensorEntry, blocks_done: int) -> int:
