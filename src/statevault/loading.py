@@ -31,8 +31,12 @@ from statevault.format import tree as tree_codec
 if TYPE_CHECKING:
     from statevault.checkpoint import OpenCheckpoint
 
-# Reads plain tensors by id on the reader's fast path: (ids) -> {id: value}
-PlainReader = Callable[[list[int]], dict[int, Any]]
+# Reads plain tensors by id on the reader's fast path: (ids, regions) -> {id: value}; from an
+# object store through ``regions`` when given (its prefetch plan holds their bytes too).
+PlainReader = Callable[[list[int], "RegionReader | None"], dict[int, Any]]
+# Resharding reads from an object store are fetched ahead in merged requests (engine/prefetch);
+# False reads each span on its own (benchmarks/s3_reshard_bench.py compares the two).
+PREFETCH_REMOTE = True
 
 
 @dataclass
@@ -58,13 +62,19 @@ def read_tensors(
     result = LoadedTensors()
     plain_ids = sorted(tree_codec.tensor_ids(node) - {i for kind, i in targets if kind == "tensor"})
     plain_ids = [i for i in plain_ids if 0 <= i < len(manifest.tensors)]
-    result.plain = read_plain(plain_ids)
     sharded_ids = sorted(tree_codec.tensor_ids(node, tag="sharded"))
     if not targets and not sharded_ids:
+        result.plain = read_plain(plain_ids, None)
         return result
     with RegionReader(checkpoint.reader, verify) as regions:
-        if not checkpoint.location.local:  # round trips: announce every span, fetched merged
-            regions.prefetch(_spans(checkpoint, targets, sharded_ids))
+        if PREFETCH_REMOTE and not checkpoint.location.local:
+            # Round trips cost most: every span this load reads, the plain tensors' included,
+            # is announced first and fetched in merged requests (engine/prefetch.py).
+            whole = [(manifest.tensors[i], 0, manifest.tensors[i].nbytes) for i in plain_ids]
+            regions.prefetch(whole + _spans(checkpoint, targets, sharded_ids))
+            result.plain = read_plain(plain_ids, regions)
+        else:
+            result.plain = read_plain(plain_ids, None)
         for (kind, index), target in targets.items():
             value = _read_into_layout(regions, _logical(checkpoint, kind, index), target)
             (result.plain if kind == "tensor" else result.sharded)[index] = value

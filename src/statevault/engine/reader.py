@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from statevault.engine.verify import failed as failed_checksums
 from statevault.format.checksum import crc32c_of, parse_checksum
@@ -93,9 +94,13 @@ class _RemoteFile:
     def __init__(self, storage: Storage, path: str) -> None:
         self.storage = storage
         self.path = path
-        self._size = storage.size(path)
+        self._size: int | None = None
 
     def size(self) -> int:
+        """The object's size (one HEAD request, the first time): reads do not need it, a
+        ranged read past the end fails on its own."""
+        if self._size is None:
+            self._size = self.storage.size(self.path)
         return self._size
 
     def read_into(self, offset: int, view: memoryview) -> None:
@@ -137,29 +142,41 @@ class CheckpointReader:
         return _RemoteFile(self.location.storage, path)
 
     def file_problems(self, check_headers: bool) -> list[str]:
-        """Missing or resized files, and (optionally) damaged safetensors headers."""
-        problems: list[str] = []
-        for entry in self.manifest.files:
-            try:
-                source = self._open(entry.name)
-            except _NotAFile as exc:
-                problems.append(f"file {entry.name}: {exc}")
-                continue
-            except OSError as exc:
-                problems.append(f"file {entry.name}: cannot be opened ({exc.strerror or exc})")
-                continue
-            try:
-                problem = _file_problem(source, entry, check_headers)
-            except (OSError, EOFError) as exc:
-                problem = f"file {entry.name}: cannot be read ({exc})"
-            finally:
-                source.close()
-            if problem is not None:
-                problems.append(problem)
-        return problems
+        """Missing or resized files, and (optionally) damaged safetensors headers. From an
+        object store the files are checked in parallel (two round trips each)."""
+        files = self.manifest.files
+        if self.location.local or len(files) < 2:
+            found = [self._file_problem(entry, check_headers) for entry in files]
+        else:
+            threads = min(READ_THREADS, len(files))
+            with ThreadPoolExecutor(threads, thread_name_prefix="statevault-check") as pool:
+                found = list(pool.map(lambda e: self._file_problem(e, check_headers), files))
+        return [problem for problem in found if problem is not None]
 
-    def read(self, ids: Sequence[int], allocate: Allocator, verify: bool) -> ReadOutcome:
-        """Read the tensors ``ids`` into buffers from ``allocate``, verifying checksums."""
+    def _file_problem(self, entry: FileEntry, check_headers: bool) -> str | None:
+        try:
+            source = self._open(entry.name)
+        except _NotAFile as exc:
+            return f"file {entry.name}: {exc}"
+        except OSError as exc:
+            return f"file {entry.name}: cannot be opened ({exc.strerror or exc})"
+        try:
+            return _file_problem(source, entry, check_headers)
+        except FileNotFoundError as exc:
+            return f"file {entry.name}: cannot be opened ({exc.strerror or exc})"
+        except (OSError, EOFError) as exc:
+            return f"file {entry.name}: cannot be read ({exc})"
+        finally:
+            source.close()
+
+    def read(
+        self, ids: Sequence[int], allocate: Allocator, verify: bool, regions: Any = None
+    ) -> ReadOutcome:
+        """Read the tensors ``ids`` into buffers from ``allocate``, verifying checksums. From an
+        object store, through ``regions`` (an ``engine.regions.RegionReader``) when given: its
+        prefetch plan then fetches them together with the rest of a resharding load."""
+        if regions is not None and not self.location.local:
+            return self._read_regions(ids, allocate, regions)
         outcome = ReadOutcome()
         names = sorted({self.manifest.tensors[index].file for index in ids})
         sources: dict[str, _LocalFile | _RemoteFile] = {}
@@ -216,6 +233,22 @@ class CheckpointReader:
                 outcome.problems.append(f"tensor {entry.path} in {entry.file}: checksum mismatch")
             else:
                 outcome.arrays[index] = adopt(entry, view)
+        return outcome
+
+    def _read_regions(self, ids: Sequence[int], allocate: Allocator, regions: Any) -> ReadOutcome:
+        from statevault.errors import CorruptCheckpointError
+
+        outcome = ReadOutcome()
+        for index in dict.fromkeys(ids):
+            entry = self.manifest.tensors[index]
+            array, view = allocate(entry)
+            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            try:
+                regions.read_span(entry, 0, entry.nbytes, view)
+            except CorruptCheckpointError as exc:
+                outcome.problems.append(str(exc).split(" is damaged: ", 1)[-1])
+            outcome.arrays[index] = array
+            outcome.bytes_read += entry.nbytes
         return outcome
 
     def _read_remote(
