@@ -392,3 +392,19 @@ def many_sharded_save(rank: int, world: int, path: str, count: int) -> None:
     big = torch.randn(1001, 1024, generator=generator)  # ~4 MiB: chunk edges inside blocks
     state["big"] = distribute_tensor(big, mesh, [Shard(0)])
     sv.save(state, path)
+
+
+def interleaved_save(rank: int, world: int, path: str, count: int, rows: int) -> None:
+    """``count`` row-sharded DTensors of ``rows`` x 1024 float32, each followed in the tree by
+    a replicated scalar (as an optimizer's ``step`` follows its moments)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    generator = torch.Generator().manual_seed(5)
+    state: dict[str, Any] = {}
+    for i in range(count):
+        weight = torch.randn(rows, 1024, generator=generator)
+        state[f"w{i}"] = distribute_tensor(weight, mesh, [Shard(0)])
+        state[f"step{i}"] = torch.tensor(float(i))
+    sv.save(state, path)

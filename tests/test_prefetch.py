@@ -154,3 +154,38 @@ def test_a_sharded_checkpoint_loads_from_s3_in_a_few_merged_requests(
     # manifest, each shard's header, and few requests per shard.
     assert len(gets) <= 10, [(c.key, c.range) for c in gets]
     assert np.array_equal(loaded["big"].numpy(), expected["big"].numpy())
+
+
+@pytest.mark.s3
+def test_a_prefetched_load_holds_about_the_window_not_the_whole_load(
+    tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 MiB of sharded tensors, each followed by a replicated scalar stored between them,
+    loaded from S3 with a 4 MiB window and 1 MiB requests: the load reads its tensors in shard
+    order, so the prefetcher never holds more than the window, the requests in flight and one
+    partly read request per shard (had it read the scalars first, every request holding one
+    would stay fetched until the end: about the whole load)."""
+    from statevault.engine import prefetch, regions
+
+    local = tmp_path / "ck"
+    run_ranks(work.interleaved_save, 2, str(local), 40, 256)
+    url = f"{s3_bucket.url}/ck"
+    s3_bucket.fs.put(str(local), url, recursive=True)
+    mib = 1 << 20
+    monkeypatch.setattr(regions, "WINDOW_BYTES", 4 * mib)
+    monkeypatch.setattr(regions, "REQUEST_BYTES", mib)
+    monkeypatch.setattr(regions, "MIN_REQUEST_BYTES", mib)
+    peak = [0]
+    original = prefetch.Prefetcher.read
+
+    def recording(self: prefetch.Prefetcher, file: str, start: int, out: memoryview) -> bool:
+        peak[0] = max(peak[0], self._held)
+        return original(self, file, start, out)
+
+    monkeypatch.setattr(prefetch.Prefetcher, "read", recording)
+    loaded = sv.load(url, storage_options=s3_bucket.storage_options)
+    expected = sv.load(local)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    in_flight = prefetch.REQUESTS_IN_FLIGHT
+    assert 0 < peak[0] <= (4 + in_flight + 2) * mib, peak[0] / mib

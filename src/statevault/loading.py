@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from statevault.adapters import adapter_named
@@ -68,13 +69,11 @@ def read_tensors(
         return result
     with RegionReader(checkpoint.reader, verify) as regions:
         if PREFETCH_REMOTE and not checkpoint.location.local:
-            # Round trips cost most: every span this load reads, the plain tensors' included,
-            # is announced first and fetched in merged requests (engine/prefetch.py).
-            whole = [(manifest.tensors[i], 0, manifest.tensors[i].nbytes) for i in plain_ids]
-            regions.prefetch(whole + _spans(checkpoint, targets, sharded_ids))
-            result.plain = read_plain(plain_ids, regions)
-        else:
-            result.plain = read_plain(plain_ids, None)
+            read_plain([], regions)  # the file checks of the load, before any tensor is read
+            _read_prefetched(checkpoint, regions, plain_ids, targets, sharded_ids, device, result)
+            result.bytes_read = regions.bytes_read
+            return result
+        result.plain = read_plain(plain_ids, None)
         for (kind, index), target in targets.items():
             value = _read_into_layout(regions, _logical(checkpoint, kind, index), target)
             (result.plain if kind == "tensor" else result.sharded)[index] = value
@@ -86,20 +85,67 @@ def read_tensors(
     return result
 
 
-def _spans(
-    checkpoint: OpenCheckpoint, targets: Mapping[tuple[str, int], Any], sharded_ids: list[int]
-) -> list[tuple[Any, int, int]]:
-    """Every byte span the reads below will ask for, in the order they ask."""
+@dataclass
+class _Job:
+    """One tensor of a prefetched load: the spans it reads, and the read itself."""
+
+    kind: str  # "tensor" | "sharded"
+    index: int
+    spans: list[tuple[Any, int, int]]
+    read: Callable[[], Any]
+
+
+def _read_prefetched(
+    checkpoint: OpenCheckpoint,
+    regions: RegionReader,
+    plain_ids: list[int],
+    targets: Mapping[tuple[str, int], Any],
+    sharded_ids: list[int],
+    device: str | None,
+    result: LoadedTensors,
+) -> None:
+    """Every tensor of a load from an object store, through one prefetch plan.
+
+    Round trips cost most there: every span the load reads is announced first and fetched in
+    merged requests (engine/prefetch.py). The tensors are read in the order their bytes lie in
+    the shards (by how far into its shard each tensor's first span is: the shards of the ranks
+    of one save list their tensors in the same order), and the requests are fetched in that
+    order, so a request is released soon after it arrives and the bytes held stay near the
+    prefetch window instead of growing to the whole load."""
     from statevault.distributed.dtensor import local_box
 
-    spans = []
+    jobs = []
+    for index in plain_ids:
+        logical = plain_logical(checkpoint.manifest, index)
+        jobs.append(_whole_job(regions, logical, "tensor", index, device))
     for (kind, index), target in targets.items():
-        spans += spans_of_box(_logical(checkpoint, kind, index), local_box(target))
+        logical = _logical(checkpoint, kind, index)
+        read = partial(_read_into_layout, regions, logical, target)
+        jobs.append(_Job(kind, index, spans_of_box(logical, local_box(target)), read))
     for index in sharded_ids:
         if ("sharded", index) not in targets:
             logical = _logical(checkpoint, "sharded", index)
-            spans += spans_of_box(logical, Box((0,) * len(logical.shape), logical.shape))
-    return spans
+            jobs.append(_whole_job(regions, logical, "sharded", index, device))
+    sizes = {f.name: max(f.size, 1) for f in checkpoint.manifest.files}
+
+    def position(job: _Job) -> tuple[float, str]:
+        if not job.spans:
+            return (0.0, "")
+        entry, start, _ = job.spans[0]
+        return ((entry.offset + start) / sizes.get(entry.file, 1), entry.file)
+
+    jobs.sort(key=position)
+    regions.prefetch([span for job in jobs for span in job.spans])
+    for job in jobs:
+        (result.plain if job.kind == "tensor" else result.sharded)[job.index] = job.read()
+
+
+def _whole_job(
+    regions: RegionReader, logical: Logical, kind: str, index: int, device: str | None
+) -> _Job:
+    box = Box((0,) * len(logical.shape), logical.shape)
+    read = partial(_read_whole, regions, logical, device)
+    return _Job(kind, index, spans_of_box(logical, box), read)
 
 
 def _logical(checkpoint: OpenCheckpoint, kind: str, index: int) -> Logical:

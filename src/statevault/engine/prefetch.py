@@ -3,13 +3,14 @@
 A load into another layout reads, for every tensor, the spans of its stored chunks that overlap
 this rank's piece (``engine/regions.py``). From an object store each span would be a request of
 its own: a round trip per tensor chunk, one after the other. When the spans are known before the
-first read (:meth:`RegionReader.prefetch`), they are planned like the reader's whole-tensor
-loads: per file, in offset order, ranges at most ``GAP_BYTES`` apart are merged into requests of
-at most ``REQUEST_BYTES``, and ``REQUESTS_IN_FLIGHT`` background threads fetch them in that
-order while the load consumes them. A request's bytes are dropped once every span planned in it
-has been served. The fetchers stay at most ``WINDOW_BYTES`` ahead of what is still held; a span
-whose request is not fetched yet when it is needed is fetched by the reader itself, so the
-window bounds memory without ever blocking the load.
+first read (:meth:`RegionReader.prefetch`, in the order they will be read), they are planned
+like the reader's whole-tensor loads: per file, in offset order, ranges at most ``GAP_BYTES``
+apart are merged into requests of at most ``REQUEST_BYTES``, and ``REQUESTS_IN_FLIGHT``
+background threads fetch them in the order the load will first want them while it consumes
+them. A request's bytes are dropped once every span planned in it has been served. The fetchers
+stay at most ``WINDOW_BYTES`` ahead of what is still held; a span whose request is not fetched
+yet when it is needed is fetched by the reader itself, so the window bounds memory without ever
+blocking the load.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Prefetcher:
         # Exactly the planned ranges are served from requests (each use counted), so that a
         # request is dropped only once everything it was fetched for has been read.
         self._planned: dict[tuple[str, int, int], _Request] = {}
-        for file, start, stop in ranges:
+        first_use: dict[int, int] = {}  # id(request) -> the first range (in reading order) in it
+        for order, (file, start, stop) in enumerate(ranges):
             position = bisect.bisect_right(starts.get(file, []), start) - 1
             if position < 0:
                 continue
@@ -93,6 +95,9 @@ class Prefetcher:
             if stop <= request.stop and stop > start:
                 self._planned[(file, start, stop)] = request
                 request.spans += 1
+                first_use.setdefault(id(request), order)
+        # Fetched in the order the reads will want them (``ranges`` comes in reading order).
+        self._requests.sort(key=lambda r: first_use.get(id(r), len(ranges)))
         self._window = window_bytes
         self._held = 0  # bytes fetched and not yet dropped
         self._next = 0  # the next request in plan order for the background fetchers

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from types import TracebackType
 
-from statevault.engine.prefetch import Prefetcher
+from statevault.engine.prefetch import REQUEST_BYTES, WINDOW_BYTES, Prefetcher
 from statevault.engine.reader import CheckpointReader
 from statevault.errors import CorruptCheckpointError
 from statevault.format.checksum import crc32c_of, parse_checksum
@@ -25,6 +25,7 @@ _READ_BYTES = 16 << 20
 # request, into a buffer (a round trip costs more than the copy), unless it is longer than this:
 # then the span goes straight into its destination and the edges cost two small requests more.
 WHOLE_SPAN_BYTES = 64 << 20
+MIN_REQUEST_BYTES = 4 << 20  # the smallest merged request of a prefetched load
 
 
 class RegionReader:
@@ -111,7 +112,13 @@ class RegionReader:
             for entry, start, stop in spans
             for low, high in self._reads_of(entry, start, stop)
         ]
-        self._prefetcher = Prefetcher(ranges, self._fetch)
+        # Requests shrink when many shards are read side by side (a job saved by many ranks):
+        # about one request per shard is held partly read at any time, beside the window.
+        files = max(1, len({file for file, _, _ in ranges}))
+        request_bytes = max(MIN_REQUEST_BYTES, min(REQUEST_BYTES, WINDOW_BYTES // files))
+        self._prefetcher = Prefetcher(
+            ranges, self._fetch, request_bytes=request_bytes, window_bytes=WINDOW_BYTES
+        )
 
     @property
     def requests_planned(self) -> int:
