@@ -493,7 +493,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _rank_entry(rank: int, world: int, port: int, args: dict[str, Any], queue: Any) -> None:
+def _rank_entry(
+    fn: Callable[..., Any], rank: int, world: int, port: int, args: dict[str, Any], queue: Any
+) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch.distributed as dist
 
@@ -502,7 +504,7 @@ def _rank_entry(rank: int, world: int, port: int, args: dict[str, Any], queue: A
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
-        queue.put((rank, "ok", rank_run(rank, world, args)))
+        queue.put((rank, "ok", fn(rank, world, args)))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -510,12 +512,19 @@ def _rank_entry(rank: int, world: int, port: int, args: dict[str, Any], queue: A
             dist.destroy_process_group()
 
 
-def run_ranks(world: int, args: dict[str, Any], timeout: float) -> list[Any]:
+def run_ranks(
+    world: int, args: dict[str, Any], timeout: float, fn: Callable[..., Any] | None = None
+) -> list[Any]:
+    """``fn(rank, world, args)`` (default: :func:`rank_run`) on ``world`` spawned gloo ranks;
+    their results in rank order."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = _free_port()
+    target = fn if fn is not None else rank_run
     processes = [
-        context.Process(target=_rank_entry, args=(rank, world, port, args, queue), daemon=True)
+        context.Process(
+            target=_rank_entry, args=(target, rank, world, port, args, queue), daemon=True
+        )
         for rank in range(world)
     ]
     for process in processes:

@@ -243,58 +243,6 @@ def one_process(args: dict[str, Any], reference: dict[str, torch.Tensor]) -> dic
     return out
 
 
-def _entry(
-    fn: Callable[..., Any], rank: int, world: int, port: int, args: dict[str, Any], queue: Any
-) -> None:
-    import traceback
-
-    import torch.distributed as dist
-
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-        )
-        queue.put((rank, "ok", fn(rank, world, args)))
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(
-    fn: Callable[..., Any], world: int, args: dict[str, Any], timeout: float
-) -> list[Any]:
-    """``fn(rank, world, args)`` on ``world`` spawned gloo ranks; their results in rank order."""
-    import multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = dist_bench._free_port()
-    processes = [
-        context.Process(target=_entry, args=(fn, rank, world, port, args, queue), daemon=True)
-        for rank in range(world)
-    ]
-    for process in processes:
-        process.start()
-    results: dict[int, tuple[str, Any]] = {}
-    try:
-        while len(results) < world:
-            rank, status, value = queue.get(timeout=timeout)
-            results[rank] = (status, value)
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-    failed = {r: v for r, (s, v) in results.items() if s != "ok"}
-    if failed:
-        raise RuntimeError(f"ranks failed: {failed}")
-    return [results[r][1] for r in range(world)]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=512, help="model width (default 512)")
@@ -320,11 +268,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "reference": os.path.join(workdir, "reference.pt"),
     }
     try:
-        run_ranks(save_ranks, 2, args, parsed.timeout)
+        dist_bench.run_ranks(2, args, parsed.timeout, fn=save_ranks)
         reference = torch.load(args["reference"], weights_only=True)
         state_mib = sum(v.numel() * v.element_size() for v in reference.values()) / (1 << 20)
         print(f"state: {state_mib:.1f} MiB in {len(reference)} tensors, saved by 2 ranks")
-        results = run_ranks(load_ranks, 3, args, parsed.timeout)
+        results = dist_bench.run_ranks(3, args, parsed.timeout, fn=load_ranks)
         print(f"\nload into 3 FSDP2 ranks (max over ranks, median of {parsed.reps}):")
         for name in CONTENDERS:
             seconds = statistics.median(results[0]["times"][name])
