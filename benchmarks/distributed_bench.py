@@ -569,15 +569,20 @@ def build_model(hidden: int, layers: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(*[Block(hidden) for _ in range(layers)])
 
 
-def _local_state(model: Any, opt: Any) -> dict[str, Any]:
-    """Every local shard of the model and optimizer state, cloned (the reference)."""
+def state_tensors(model: Any, opt: Any, convert: Callable[[Any], Any]) -> dict[str, Any]:
+    """``convert`` of every tensor of the model and optimizer state, by flat key."""
     out = {}
     for name, value in model.state_dict().items():
-        out[f"model/{name}"] = _local(value)
+        out[f"model/{name}"] = convert(value)
     for index, moments in opt.state_dict()["state"].items():
         for key, value in moments.items():
-            out[f"opt/{index}/{key}"] = _local(value)
+            out[f"opt/{index}/{key}"] = convert(value)
     return out
+
+
+def _local_state(model: Any, opt: Any) -> dict[str, Any]:
+    """Every local shard of the model and optimizer state, cloned (the reference)."""
+    return state_tensors(model, opt, _local)
 
 
 def _local(value: Any) -> Any:

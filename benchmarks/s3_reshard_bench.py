@@ -60,13 +60,7 @@ def _build(args: dict[str, Any]) -> tuple[Any, Any]:
 
 def _full_state(model: Any, opt: Any) -> dict[str, torch.Tensor]:
     """Every tensor of the model and optimizer state, whole (a collective: every rank calls)."""
-    out = {}
-    for name, value in model.state_dict().items():
-        out[f"model/{name}"] = _whole(value)
-    for index, moments in opt.state_dict()["state"].items():
-        for key, value in moments.items():
-            out[f"opt/{index}/{key}"] = _whole(value)
-    return out
+    return dist_bench.state_tensors(model, opt, _whole)
 
 
 def _whole(value: Any) -> torch.Tensor:
