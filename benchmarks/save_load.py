@@ -771,8 +771,9 @@ def targets(bench: Bench) -> list[dict[str, Any]]:
                 "pass": load.seconds <= st.seconds,
             }
         )
-    cold = ratio_of("cold.statevault")
-    check("(no target) cold load (verify=True) vs cold read floor", cold, None, fmt(cold))
+    if bench.row("cold.statevault") is not None:
+        cold = ratio_of("cold.statevault")
+        check("(no target) cold load (verify=True) vs cold read floor", cold, None, fmt(cold))
     return checks
 
 
@@ -820,6 +821,8 @@ def report(
         ),
     ]
     for group, heading in groups:
+        if group == "cold" and not any(row.group == "cold" for row in bench.rows):
+            continue  # --no-cold
         table.add_section()
         table.add_row(f"[bold]{heading}[/bold]", "", "", "", "")
         for row in bench.rows:
@@ -886,9 +889,14 @@ def report(
             if k in ("cpu_count", "cpu", "ram_gib", "device", "torch", "filesystem", "git")
         ),
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        "warm loads: files read once before; cold loads: each file's pages dropped "
-        "(fsync + posix_fadvise DONTNEED) before every load; resident after a drop: "
-        + _resident(bench.facts.get("resident_after_evict")),
+        "warm loads: files read once before"
+        + (
+            "; cold loads: each file's pages dropped (fsync + posix_fadvise DONTNEED) before "
+            "every load; resident after a drop: "
+            + _resident(bench.facts.get("resident_after_evict"))
+            if args.cold
+            else ""
+        ),
         "load average (1, 5, 15 min) at start {} and end {} on {} CPUs{}".format(
             _loadavg(bench.facts.get("loadavg_start")),
             _loadavg(bench.facts.get("loadavg_end")),
