@@ -151,6 +151,14 @@ def _plant_lease(bucket: S3Bucket, run: str, host: str, pid: int, age_s: float) 
     bucket.fs.pipe_file(f"{run}/{LOCK_FILE}", json.dumps(record).encode())
 
 
+def _lease_host(bucket: S3Bucket, run: str) -> str | None:
+    try:
+        record = json.loads(bucket.fs.cat_file(f"{run}/{LOCK_FILE}"))
+    except FileNotFoundError:
+        return None
+    return record.get("host") if isinstance(record, dict) else None
+
+
 def test_lease_of_a_live_holder_elsewhere_refuses_a_stale_one_is_taken_over(
     s3_bucket: S3Bucket,
 ) -> None:
@@ -180,9 +188,13 @@ def test_a_lost_lease_stops_the_next_save(s3_bucket: S3Bucket) -> None:
         run, storage_options=s3_bucket.storage_options, lease_seconds=0.4
     ) as mgr:
         _save(mgr, [1])
-        _plant_lease(s3_bucket, run, "other-node", 7, age_s=0)  # someone took the run over
+        # Someone takes the run over. A taker holds the run only if its record is still there
+        # when it reads it back (lease.py); a heartbeat of ours that read our record just before
+        # the plant overwrites it, so the taker writes again, as a real one retries.
         deadline = time.monotonic() + 20  # a heartbeat notices (late on a loaded machine)
         while getattr(mgr._dir.lock, "lost", None) is None and time.monotonic() < deadline:
+            if _lease_host(s3_bucket, run) != "other-node":
+                _plant_lease(s3_bucket, run, "other-node", 7, age_s=0)
             time.sleep(0.05)
         with pytest.raises(sv.RunLockedError, match="lost the lease"):
             mgr.save(2, small_state(2))
