@@ -189,3 +189,27 @@ def test_a_prefetched_load_holds_about_the_window_not_the_whole_load(
         assert torch.equal(loaded[key], value), key
     in_flight = prefetch.REQUESTS_IN_FLIGHT
     assert 0 < peak[0] <= (4 + in_flight + 2) * mib, peak[0] / mib
+
+
+@pytest.mark.s3
+def test_a_partial_load_from_s3_checks_only_the_shards_it_reads(
+    tmp_path: Path, s3_bucket: Any
+) -> None:
+    """``load(only=...)`` of one replicated tensor touches only the shard holding it: no size or
+    header request goes to the other rank's shard."""
+    from statevault.checkpoint import open_checkpoint
+    from tests.s3_server import record_s3_calls
+
+    local = tmp_path / "ck"
+    run_ranks(work.interleaved_save, 2, str(local), 4, 8)
+    url = f"{s3_bucket.url}/ck"
+    s3_bucket.fs.put(str(local), url, recursive=True)
+    manifest = open_checkpoint(local).manifest
+    row = next(t for t in manifest.tensors if t.path == "step0")
+    others = {f.name for f in manifest.files} - {row.file}
+    assert others, "the fixture has two shards"
+    with record_s3_calls() as calls:
+        loaded = sv.load(url, only="step0", storage_options=s3_bucket.storage_options)
+    assert torch.equal(loaded, torch.tensor(0.0))
+    touched = {c.key.rsplit("/", 1)[-1] for c in calls.calls}
+    assert not touched & others, touched

@@ -215,11 +215,7 @@ def _read_arrays(
     entries = checkpoint.manifest.tensors
     wanted = [i for i in ids if 0 <= i < len(entries)] if ids is not None else range(len(entries))
     files = {entries[i].file for i in wanted}
-    problems = [
-        p
-        for p in reader.file_problems(check_headers=verify)
-        if ids is None or all_files or any(f"file {name}:" in p for name in files)
-    ]
+    problems = reader.file_problems(verify, None if ids is None or all_files else files)
     if problems:
         raise CorruptCheckpointError(f"{where} is damaged: {problems[0]}", problems)
     for entry in (entries[i] for i in wanted):  # unknown frameworks fail before any read

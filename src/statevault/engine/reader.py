@@ -19,7 +19,7 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,10 +141,11 @@ class CheckpointReader:
             return _LocalFile(path)
         return _RemoteFile(self.location.storage, path)
 
-    def file_problems(self, check_headers: bool) -> list[str]:
-        """Missing or resized files, and (optionally) damaged safetensors headers. From an
-        object store the files are checked in parallel (two round trips each)."""
-        files = self.manifest.files
+    def file_problems(self, check_headers: bool, names: Collection[str] | None = None) -> list[str]:
+        """Missing or resized files, and (optionally) damaged safetensors headers, of every file
+        or of the files ``names``. From an object store the files are checked in parallel (two
+        round trips each)."""
+        files = [f for f in self.manifest.files if names is None or f.name in names]
         if self.location.local or len(files) < 2:
             found = [self._file_problem(entry, check_headers) for entry in files]
         else:
