@@ -18,7 +18,6 @@ from statevault.adapters import adapter_named, known_frameworks
 from statevault.distributed.group import rank_and_world, rank_picker
 from statevault.distributed.saver import new_saver
 from statevault.engine.reader import CheckpointReader
-from statevault.engine.regions import RegionReader
 from statevault.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -189,9 +188,7 @@ def load(
         device,
         verify,
         pick_rank,
-        lambda ids, regions: _read_arrays(
-            checkpoint, verify, device, ids, all_files=only is None, regions=regions
-        ),
+        lambda ids: _read_arrays(checkpoint, verify, device, ids, all_files=only is None),
     )
     loaded = _decode(checkpoint, tensors.plain, node, tensors.sharded, pick_rank)
     if into is None:
@@ -205,11 +202,9 @@ def _read_arrays(
     device: str | None,
     ids: list[int] | None = None,
     all_files: bool = False,
-    regions: RegionReader | None = None,
 ) -> dict[int, Any]:
     """The arrays ``ids`` (default: all), verified; a partial load checks only their files
-    unless ``all_files`` (a whole load checks every file it may touch). From an object store
-    they are read through ``regions`` when given (whose prefetch plan holds their bytes)."""
+    unless ``all_files`` (a whole load checks every file it may touch)."""
     reader = checkpoint.reader
     where = checkpoint.directory
     entries = checkpoint.manifest.tensors
@@ -226,7 +221,7 @@ def _read_arrays(
     if checkpoint.location.local:  # view the page cache in place: no allocation, no copy
         outcome = reader.map(wanted, _adopter(where), verify)
     else:
-        outcome = reader.read(wanted, _allocator(where), verify, regions)
+        outcome = reader.read(wanted, _allocator(where), verify)
     if outcome.problems:
         detail = outcome.problems[0] + (
             f" (and {len(outcome.problems) - 1} more)" if len(outcome.problems) > 1 else ""

@@ -32,9 +32,9 @@ from statevault.format import tree as tree_codec
 if TYPE_CHECKING:
     from statevault.checkpoint import OpenCheckpoint
 
-# Reads plain tensors by id on the reader's fast path: (ids, regions) -> {id: value}; from an
-# object store through ``regions`` when given (its prefetch plan holds their bytes too).
-PlainReader = Callable[[list[int], "RegionReader | None"], dict[int, Any]]
+# Reads plain tensors by id on the reader's fast path, after the load's file checks: (ids) ->
+# {id: value}; with no ids, the file checks alone.
+PlainReader = Callable[[list[int]], dict[int, Any]]
 # Resharding reads from an object store are fetched ahead in merged requests (engine/prefetch);
 # False reads each span on its own (benchmarks/s3_reshard_bench.py compares the two).
 PREFETCH_REMOTE = True
@@ -65,15 +65,15 @@ def read_tensors(
     plain_ids = [i for i in plain_ids if 0 <= i < len(manifest.tensors)]
     sharded_ids = sorted(tree_codec.tensor_ids(node, tag="sharded"))
     if not targets and not sharded_ids:
-        result.plain = read_plain(plain_ids, None)
+        result.plain = read_plain(plain_ids)
         return result
     with RegionReader(checkpoint.reader, verify) as regions:
         if PREFETCH_REMOTE and not checkpoint.location.local:
-            read_plain([], regions)  # the file checks of the load, before any tensor is read
+            read_plain([])  # the file checks of the load, before any tensor is read
             _read_prefetched(checkpoint, regions, plain_ids, targets, sharded_ids, device, result)
             result.bytes_read = regions.bytes_read
             return result
-        result.plain = read_plain(plain_ids, None)
+        result.plain = read_plain(plain_ids)
         for (kind, index), target in targets.items():
             value = _read_into_layout(regions, _logical(checkpoint, kind, index), target)
             (result.plain if kind == "tensor" else result.sharded)[index] = value

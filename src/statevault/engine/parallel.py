@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
+B = TypeVar("B")
 MAX_THREADS = 8
 
 
@@ -56,31 +57,26 @@ PARALLEL_MIN_BYTES = 64 << 20  # below this, one thread copies as fast as severa
 BATCHES_PER_THREAD = 4
 
 
-def run_sized(calls: Sequence[tuple[int, Callable[[], object]]], name: str) -> None:
-    """Run GIL-releasing calls of known sizes (bytes) on one thread per CPU.
-
-    The calls are cut, in order, into batches of about equal bytes that the threads pull from a
-    shared queue, so a CPU that other work keeps busy only slows the batches it takes. Under
-    ``PARALLEL_MIN_BYTES`` in all, or with one CPU, they run here, in order.
-    """
-    total = sum(size for size, _ in calls)
-    threads = min(cpu_threads(), len(calls))
-    if threads < 2 or total < PARALLEL_MIN_BYTES:
-        for _, call in calls:
-            call()
-        return
-    count = threads * BATCHES_PER_THREAD
-    batches: list[list[Callable[[], object]]] = [[]]
+def byte_batches(sizes: Sequence[int], count: int) -> list[list[int]]:
+    """The indices of ``sizes`` cut, in order, into at most ``count`` batches of about equal
+    bytes (so that threads pulling them from a queue finish together)."""
+    total = sum(sizes)
+    batches: list[list[int]] = [[]]
     filled = 0
-    for size, call in calls:
-        batches[-1].append(call)
+    for index, size in enumerate(sizes):
+        batches[-1].append(index)
         filled += size
         if filled >= total * len(batches) / count and len(batches) < count:
             batches.append([])
-    pending: queue.SimpleQueue[list[Callable[[], object]]] = queue.SimpleQueue()
+    return [batch for batch in batches if batch]
+
+
+def run_batches(batches: Sequence[B], run: Callable[[B], object], threads: int, name: str) -> None:
+    """``run(batch)`` for every batch, on ``threads`` threads pulling batches from a shared
+    queue: a CPU that other work keeps busy only slows the batches it takes."""
+    pending: queue.SimpleQueue[B] = queue.SimpleQueue()
     for batch in batches:
-        if batch:
-            pending.put(batch)
+        pending.put(batch)
 
     def work() -> None:
         while True:
@@ -88,7 +84,24 @@ def run_sized(calls: Sequence[tuple[int, Callable[[], object]]], name: str) -> N
                 batch = pending.get_nowait()
             except queue.Empty:
                 return
-            for call in batch:
-                call()
+            run(batch)
 
-    run_parallel([work] * threads, name)
+    run_parallel([work] * min(threads, len(batches)), name)
+
+
+def run_sized(calls: Sequence[tuple[int, Callable[[], object]]], name: str) -> None:
+    """Run GIL-releasing calls of known sizes (bytes) on one thread per CPU, in batches of about
+    equal bytes (:func:`run_batches`). Under ``PARALLEL_MIN_BYTES`` in all, or with one CPU,
+    they run here, in order."""
+    threads = min(cpu_threads(), len(calls))
+    if threads < 2 or sum(size for size, _ in calls) < PARALLEL_MIN_BYTES:
+        for _, call in calls:
+            call()
+        return
+    batches = byte_batches([size for size, _ in calls], threads * BATCHES_PER_THREAD)
+
+    def run(batch: list[int]) -> None:
+        for index in batch:
+            calls[index][1]()
+
+    run_batches(batches, run, threads, name)

@@ -22,7 +22,6 @@ import threading
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from statevault.engine.verify import failed as failed_checksums
 from statevault.format.checksum import crc32c_of, parse_checksum
@@ -170,14 +169,8 @@ class CheckpointReader:
         finally:
             source.close()
 
-    def read(
-        self, ids: Sequence[int], allocate: Allocator, verify: bool, regions: Any = None
-    ) -> ReadOutcome:
-        """Read the tensors ``ids`` into buffers from ``allocate``, verifying checksums. From an
-        object store, through ``regions`` (an ``engine.regions.RegionReader``) when given: its
-        prefetch plan then fetches them together with the rest of a resharding load."""
-        if regions is not None and not self.location.local:
-            return self._read_regions(ids, allocate, regions)
+    def read(self, ids: Sequence[int], allocate: Allocator, verify: bool) -> ReadOutcome:
+        """Read the tensors ``ids`` into buffers from ``allocate``, verifying checksums."""
         outcome = ReadOutcome()
         names = sorted({self.manifest.tensors[index].file for index in ids})
         sources: dict[str, _LocalFile | _RemoteFile] = {}
@@ -234,22 +227,6 @@ class CheckpointReader:
                 outcome.problems.append(f"tensor {entry.path} in {entry.file}: checksum mismatch")
             else:
                 outcome.arrays[index] = adopt(entry, view)
-        return outcome
-
-    def _read_regions(self, ids: Sequence[int], allocate: Allocator, regions: Any) -> ReadOutcome:
-        from statevault.errors import CorruptCheckpointError
-
-        outcome = ReadOutcome()
-        for index in dict.fromkeys(ids):
-            entry = self.manifest.tensors[index]
-            array, view = allocate(entry)
-            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-            try:
-                regions.read_span(entry, 0, entry.nbytes, view)
-            except CorruptCheckpointError as exc:
-                outcome.problems.append(str(exc).split(" is damaged: ", 1)[-1])
-            outcome.arrays[index] = array
-            outcome.bytes_read += entry.nbytes
         return outcome
 
     def _read_remote(

@@ -120,10 +120,6 @@ class RegionReader:
             ranges, self._fetch, request_bytes=request_bytes, window_bytes=WINDOW_BYTES
         )
 
-    @property
-    def requests_planned(self) -> int:
-        return 0 if self._prefetcher is None else self._prefetcher.request_count
-
     def _reads_of(self, entry: TensorEntry, start: int, stop: int) -> list[tuple[int, int]]:
         """The (start, stop) ranges ``read_span(entry, start, stop)`` reads (see there)."""
         if stop <= start:

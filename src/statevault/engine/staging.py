@@ -8,12 +8,17 @@ training mutates them as soon as save() returns.
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Sequence
 from typing import Any
 
 from statevault.engine.arena import StagingArena
-from statevault.engine.parallel import cpu_threads, run_parallel
+from statevault.engine.parallel import (
+    BATCHES_PER_THREAD,
+    PARALLEL_MIN_BYTES,
+    byte_batches,
+    cpu_threads,
+    run_batches,
+)
 from statevault.engine.plan import SavePlan
 
 
@@ -52,25 +57,15 @@ def stage_into(plan: SavePlan, leaves: Sequence[int], arena: StagingArena) -> li
             views = adapter.stage_into([plan.leaves[i].value for i in indices], arena)
             staged.update(zip(indices, views, strict=True))
             continue
-        pending: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
-        for batch in batches:
-            pending.put(batch)
 
-        def work(adapter: Any = adapter, pending: queue.SimpleQueue[list[int]] = pending) -> None:
-            while True:
-                try:
-                    batch = pending.get_nowait()
-                except queue.Empty:
-                    return
-                views = adapter.stage_into([plan.leaves[i].value for i in batch], arena)
-                staged.update(zip(batch, views, strict=True))
+        def stage_batch(batch: list[int], adapter: Any = adapter) -> None:
+            views = adapter.stage_into([plan.leaves[i].value for i in batch], arena)
+            staged.update(zip(batch, views, strict=True))
 
-        run_parallel([work] * min(cpu_threads(), len(batches)), "statevault-stage")
+        run_batches(batches, stage_batch, cpu_threads(), "statevault-stage")
     return [staged[i] for i in leaves]
 
 
-PARALLEL_MIN_BYTES = 64 << 20  # below this one thread copies as fast
-BATCHES_PER_THREAD = 4
 _HOST_FRAMEWORKS = ("torch", "numpy")
 
 
@@ -84,12 +79,5 @@ def _host_batches(plan: SavePlan, indices: Sequence[int], framework: str) -> lis
         return [list(indices)]
     if total < PARALLEL_MIN_BYTES:
         return [list(indices)]
-    count = threads * BATCHES_PER_THREAD
-    batches: list[list[int]] = [[]]
-    filled = 0
-    for index in indices:
-        batches[-1].append(index)
-        filled += plan.leaves[index].spec.nbytes
-        if filled >= total * len(batches) / count and len(batches) < count:
-            batches.append([])
-    return [batch for batch in batches if batch]
+    cut = byte_batches([plan.leaves[i].spec.nbytes for i in indices], threads * BATCHES_PER_THREAD)
+    return [[indices[k] for k in batch] for batch in cut]
