@@ -103,7 +103,6 @@ class Prefetcher:
         self._next = 0  # the next request in plan order for the background fetchers
         self._closed = False
         self._lock = threading.Condition()
-        self.requests_made = 0
         self._threads = [
             threading.Thread(target=self._fetch_ahead, name=f"statevault-prefetch-{i}", daemon=True)
             for i in range(min(in_flight, len(self._requests)))
@@ -168,8 +167,6 @@ class Prefetcher:
                     request.data = data
                     self._held += request.stop - request.start
         finally:
-            with self._lock:
-                self.requests_made += 1
             request.done.set()
 
     def _fetch_ahead(self) -> None:
