@@ -50,3 +50,17 @@ def s3_bucket(s3: MotoS3Server) -> Iterator[S3Bucket]:
         yield bucket
     finally:
         bucket.delete()
+
+
+@pytest.fixture
+def memory_root() -> Iterator[str]:
+    """A fresh root in fsspec's in-process ``memory://`` store, removed afterwards."""
+    import uuid
+
+    import fsspec
+
+    root = f"memory://sv-test-{uuid.uuid4().hex[:12]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

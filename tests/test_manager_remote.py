@@ -14,9 +14,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 
-import fsspec
 import numpy as np
 import pytest
 
@@ -202,12 +200,8 @@ def test_a_lost_lease_stops_the_next_save(s3_bucket: S3Bucket) -> None:
 
 
 @pytest.fixture
-def memory_run() -> Iterator[str]:
-    root = f"memory://sv-mgr-{uuid.uuid4().hex[:12]}"
-    yield f"{root}/run"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+def memory_run(memory_root: str) -> str:
+    return f"{memory_root}/run"
 
 
 def test_memory_run_best_retention_with_annotations(memory_run: str) -> None:

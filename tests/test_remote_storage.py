@@ -288,12 +288,8 @@ def test_credentials_and_endpoint_never_reach_the_checkpoint(
 
 
 @pytest.fixture
-def memory_prefix() -> Iterator[str]:
-    root = f"memory://sv-test-{uuid.uuid4().hex[:12]}"
-    yield f"{root}/run/ck"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+def memory_prefix(memory_root: str) -> str:
+    return f"{memory_root}/run/ck"
 
 
 def test_memory_url_round_trip(memory_prefix: str) -> None:
