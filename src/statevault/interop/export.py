@@ -28,6 +28,7 @@ from statevault.format import tree as tree_codec
 from statevault.interop import casting
 from statevault.interop.leaves import collect
 from statevault.interop.writer import DEFAULT_BUFFER_BYTES, Item, write_file
+from statevault.storage.local import fsync_dir
 from statevault.storage.location import local_directory
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -77,7 +78,7 @@ def export_safetensors(
     items, report = _plan(checkpoint, only, dtype, destination, "safetensors")
     with RegionReader(checkpoint.reader, verify=True) as regions:
         write_file(destination, items, regions, _file_metadata(checkpoint), buffer_bytes)
-    _fsync_directory(os.path.dirname(destination))
+    fsync_dir(os.path.dirname(destination))
     report.files = [destination]
     return report
 
@@ -128,7 +129,7 @@ def export_hf(
             },
         }
         _write_json(os.path.join(staging, INDEX_NAME), index)
-        _fsync_directory(staging)
+        fsync_dir(staging)
         _move_into_place(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -242,14 +243,6 @@ def _write_json(path: str, document: dict[str, Any]) -> None:
         os.fsync(out.fileno())
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _move_into_place(staging: str, destination: str) -> None:
     """Rename the finished directory to ``destination``; an existing one (overwrite) is first
     renamed aside, so ``destination`` is always either the old export or the new one."""
@@ -258,7 +251,7 @@ def _move_into_place(staging: str, destination: str) -> None:
         aside = f"{destination}.old-{uuid.uuid4().hex[:12]}"
         os.rename(destination, aside)
     os.rename(staging, destination)
-    _fsync_directory(os.path.dirname(destination))
+    fsync_dir(os.path.dirname(destination))
     if aside is not None:
         if os.path.isdir(aside) and not os.path.islink(aside):
             shutil.rmtree(aside, ignore_errors=True)
