@@ -26,7 +26,7 @@ from statevault.errors import CorruptCheckpointError, UnsupportedFormatError
 from statevault.format import dtypes
 from statevault.format.checksum import crc32c_of, format_checksum, parse_checksum
 from statevault.format.names import is_safe_file_name
-from statevault.format.quick_rows import tensor_entry_or_none
+from statevault.format.quick_rows import GRAD_DTYPE_PREFIXES, tensor_entry_or_none
 
 FORMAT_VERSION = 2  # the newest this code reads; writers write 1 unless a feature needs 2
 MAX_MANIFEST_BYTES = 1 << 30
@@ -39,7 +39,6 @@ _ENVELOPE = re.compile(
     rb'"checksum":"(crc32c:[0-9a-f]{8})","body":'
 )
 _ENVELOPE_END = re.compile(rb"\}\s*$")
-_GRAD_DTYPE_PREFIXES = ("float", "bfloat", "complex")  # the dtypes that can require gradients
 
 
 @dataclass(frozen=True)
@@ -395,7 +394,7 @@ class _Validator:
         for key in ("parameter", "requires_grad"):
             if type(attrs.get(key, False)) is not bool:
                 raise self.fail(f"{ctx}.attrs.{key} is not a bool")
-        if attrs.get("requires_grad") and not dtype_name.startswith(_GRAD_DTYPE_PREFIXES):
+        if attrs.get("requires_grad") and not dtype_name.startswith(GRAD_DTYPE_PREFIXES):
             raise self.fail(f"{ctx}: a {dtype_name} tensor cannot require gradients")
         return attrs
 

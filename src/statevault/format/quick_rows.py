@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 _ITEMSIZE = {name: row.itemsize for name, row in dtypes.DTYPES.items()}
 _CHECKSUM = re.compile(r"crc32c:[0-9a-f]{8}")  # exactly what format.checksum writes
-_GRAD_DTYPE_PREFIXES = ("float", "bfloat", "complex")  # the dtypes that can require gradients
+GRAD_DTYPE_PREFIXES = ("float", "bfloat", "complex")  # the dtypes that can require gradients
 _LIMIT = 1 << 63  # no array may be this large (or larger)
 _MAX_DIMS = 64
 
@@ -92,7 +92,7 @@ def _attrs_or_none(row: dict[str, Any], dtype_name: str) -> dict[str, Any] | Non
     requires_grad = attrs.get("requires_grad", False)
     if type(requires_grad) is not bool:
         return None
-    if requires_grad and not dtype_name.startswith(_GRAD_DTYPE_PREFIXES):
+    if requires_grad and not dtype_name.startswith(GRAD_DTYPE_PREFIXES):
         return None
     return attrs
 
