@@ -3,9 +3,11 @@ heartbeat lease that decides on filesystems without a shared flock (manager/lock
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -221,3 +223,44 @@ def test_the_holder_refreshes_its_heartbeat(tmp_path: Path) -> None:
     assert (tmp_path / LOCK_FILE).read_bytes() == b""
     time.sleep(0.1)
     assert (tmp_path / LOCK_FILE).read_bytes() == b"", "no heartbeat after release"
+
+
+FORKING_HOLDER_SCRIPT = """
+import multiprocessing, sys, time
+import statevault as sv
+
+
+def worker() -> None:  # a DataLoader worker, or any multiprocessing fork: outlives its parent
+    time.sleep(120)
+
+
+mgr = sv.CheckpointManager(sys.argv[1])
+child = multiprocessing.get_context("fork").Process(target=worker, daemon=False)
+child.start()
+print("READY", child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_its_sigkilled_parent(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    script = tmp_path / "hold_and_fork.py"
+    script.write_text(FORKING_HOLDER_SCRIPT)
+    holder = Child(script, str(run), cwd=tmp_path)
+    worker_pid = None
+    try:
+        worker_pid = int(holder.expect("READY").split()[1])
+        holder.proc.kill()
+        assert holder.proc.wait(timeout=10) == -9
+        assert lock_module.pid_alive(worker_pid), "the forked worker outlives its parent"
+        mgr = sv.CheckpointManager(run)  # the restarted job: the run is free at once
+        try:
+            save_steps(mgr, [1])
+            assert mgr.all_steps() == [1]
+        finally:
+            mgr.close()
+    finally:
+        holder.kill()
+        if worker_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker_pid, signal.SIGKILL)

@@ -18,7 +18,8 @@
 3. **Release.** ``close()`` deletes the record if it is still ours. A holder killed without
    closing leaves its record; another host takes over after ``lease_seconds`` without a
    heartbeat (so a pod restarted on another node right after a crash may be refused for up to
-   ``lease_seconds``; retry, or lower it).
+   ``lease_seconds``; retry, or lower it). A forked child forgets the leases of its parent:
+   it neither beats nor releases them (the parent's death must free the run, not the child's).
 
 Clocks: staleness compares the holder's heartbeat with the reader's clock, so clocks of the
 nodes must agree to well within ``lease_seconds`` (NTP does). It is not a consensus lock: a
@@ -35,6 +36,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from typing import Any
 
 from statevault.errors import RunLockedError
@@ -43,6 +45,7 @@ from statevault.storage.location import Location
 
 DEFAULT_SETTLE_SECONDS = 0.5
 _HELD_HERE: set[str] = set()
+_HOLDERS: weakref.WeakSet[LeaseLock] = weakref.WeakSet()
 
 
 class LeaseLock:
@@ -85,6 +88,7 @@ class LeaseLock:
         if back is None or back.get("owner") != self.owner:
             raise RunLockedError(_describe(self.where, back))
         _HELD_HERE.add(self.where.url)
+        _HOLDERS.add(self)
         self._heartbeat = threading.Thread(
             target=self._beat, name="statevault-lease-heartbeat", daemon=True
         )
@@ -101,6 +105,7 @@ class LeaseLock:
 
     def release(self) -> None:
         self._stop.set()
+        _HOLDERS.discard(self)
         if self._heartbeat is not None:
             self._heartbeat.join()
             self._heartbeat = None
@@ -154,6 +159,18 @@ class LeaseLock:
                 self.where.storage.write_bytes(self.where.path, self._record())
             except OSError:
                 continue  # a missed heartbeat; the next one may get through
+
+
+def _forget_leases_in_child() -> None:
+    """In a forked child: the parent's leases are not this process's to beat or release."""
+    for lease in list(_HOLDERS):
+        lease._stop.set()
+        lease._heartbeat = None  # release() then deletes nothing
+    _HOLDERS.clear()
+    _HELD_HERE.clear()
+
+
+os.register_at_fork(after_in_child=_forget_leases_in_child)
 
 
 def _who(holder: dict[str, Any] | None) -> str:

@@ -10,6 +10,11 @@ Rule (documented in the README):
    another host whose heartbeat is younger than ``lease_seconds`` means the run is taken. A
    record whose heartbeat is older, or from this host whose pid is no longer alive, is stale and
    is taken over.
+3. The lock dies with its holder, not with its holder's children. The descriptor is opened
+   ``O_CLOEXEC`` (a program started with exec never inherits it), and a fork hook closes the
+   child's copy of it (a ``multiprocessing`` fork or a DataLoader worker would otherwise keep
+   the flock alive after its parent is killed, and the restarted job would be refused). The
+   child closes its copy only: it never unlocks or rewrites the file, which stay its parent's.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from typing import Any
 
 from statevault.errors import RunLockedError
@@ -30,6 +36,8 @@ DEFAULT_LEASE_SECONDS = 60.0
 # Lock files held by this process: without flock, a record naming our own pid is ours only if
 # we still hold it, and a second manager of this process must be refused like any other.
 _HELD_HERE: set[str] = set()
+# Locks this process holds, for the fork hook (rule 3).
+_HOLDERS: weakref.WeakSet[RunLock] = weakref.WeakSet()
 
 
 class RunLock:
@@ -59,6 +67,7 @@ class RunLock:
             raise
         self.fd = fd
         _HELD_HERE.add(key)
+        _HOLDERS.add(self)
         self._write_holder()
         self._heartbeat = threading.Thread(
             target=self._beat, name="statevault-lock-heartbeat", daemon=True
@@ -70,6 +79,7 @@ class RunLock:
         if self._heartbeat is not None:
             self._heartbeat.join()
             self._heartbeat = None
+        _HOLDERS.discard(self)
         _HELD_HERE.discard(os.path.realpath(self.path))
         if self.fd is not None:
             fd, self.fd = self.fd, None
@@ -119,6 +129,25 @@ class RunLock:
         while not self._stop.wait(self.lease_seconds / 4):
             with contextlib.suppress(OSError):
                 self._write_holder()
+
+    def forget_in_child(self) -> None:
+        """In a forked child: drop the inherited descriptor without touching the lock."""
+        self._stop.set()  # the heartbeat thread was not forked; nothing may start it again
+        self._heartbeat = None
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)  # the last close in the parent (or its death) drops the flock
+
+
+def _forget_locks_in_child() -> None:
+    for lock in list(_HOLDERS):
+        lock.forget_in_child()
+    _HOLDERS.clear()
+    _HELD_HERE.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:
