@@ -53,7 +53,6 @@ def test_keep_latest_keeps_the_newest_n_whatever_the_order() -> None:
     records = [rec(s) for s in (7, 1, 30, 4, 12)]
     assert set(KeepLatest(2).keep(records)) == {30, 12}
     assert set(KeepLatest(10).keep(records)) == {1, 4, 7, 12, 30}
-    assert KeepLatest(0).keep(records) == {}
     assert KeepLatest(1).keep(records) == {30: "latest 1"}
 
 
@@ -69,7 +68,6 @@ def test_keep_best_min_and_max() -> None:
     assert set(KeepBest("loss", "min", 2).keep(records)) == {2, 4}
     assert set(KeepBest("loss", "max", 2).keep(records)) == {3, 1}
     assert KeepBest("loss", "min", 1).keep(records) == {2: "best loss (min)"}
-    assert KeepBest("loss", "max", 0).keep(records) == {}
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
@@ -146,13 +144,13 @@ def _records(draw: st.DrawFn) -> list[CheckpointRecord]:
 
 _policies = st.lists(
     st.one_of(
-        st.builds(KeepLatest, st.integers(0, 5)),
+        st.builds(KeepLatest, st.integers(1, 5)),
         st.builds(KeepEveryNSteps, st.integers(1, 12)),
         st.builds(
             KeepBest,
             st.sampled_from(["loss", "acc"]),
             st.sampled_from(["min", "max"]),
-            st.integers(0, 4),
+            st.integers(1, 4),
         ),
     ),
     max_size=4,

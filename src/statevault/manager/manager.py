@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from statevault.distributed.saver import DistributedSaver, new_saver
 from statevault.errors import CheckpointError
+from statevault.manager import options
 from statevault.manager.index import (
     CheckpointRecord,
     RunScan,
@@ -95,10 +96,12 @@ class CheckpointManager(RunQueries, RunRestore):
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         stale_after_seconds: float = DEFAULT_STALE_AFTER_SECONDS,
     ) -> None:
-        self._dir = RunDir(directory, storage_options, stale_after_seconds)
-        self.directory = self._dir.url
-        self.save_interval_steps = save_interval_steps
-        self.save_interval_seconds = save_interval_seconds
+        self.save_interval_steps = options.count_or_none(
+            "save_interval_steps", save_interval_steps, "save at every step"
+        )
+        self.save_interval_seconds = options.seconds_or_none(
+            "save_interval_seconds", save_interval_seconds
+        )
         self.retention = (
             list(retention)
             if retention is not None
@@ -106,15 +109,26 @@ class CheckpointManager(RunQueries, RunRestore):
                 max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best
             )
         )
+        options.seconds("lease_seconds", lease_seconds)
+        options.seconds("stale_after_seconds", stale_after_seconds, allow_zero=True)
+        if staging_budget_bytes is not None:
+            options.count("staging_budget_bytes", staging_budget_bytes)
+        replicate_every = options.count("replicate_every", replicate_every)
+        name = options.text_or_none("name", name)
+        self._dir = RunDir(directory, storage_options, stale_after_seconds)
+        self.directory = self._dir.url
         self._replica: RunDir | None = None
         if replicate_to is not None:
             if not self._dir.local:
                 raise ValueError("replicate_to needs a local directory as the fast tier")
-            if replicate_every < 1:
-                raise ValueError(f"replicate_every must be >= 1, got {replicate_every}")
-            options = replica_storage_options or storage_options
-            self._replica = RunDir(replicate_to, options, stale_after_seconds)
+            replica_options = replica_storage_options or storage_options
+            self._replica = RunDir(replicate_to, replica_options, stale_after_seconds)
         self.replicate_every = replicate_every
+        replica_policies = (
+            list(replica_retention)
+            if replica_retention is not None
+            else policies_from_options(replica_max_to_keep, None, None, "min", 1)
+        )
         self._closed = False
         self._replicator: Replicator | None = None
         self._saver = new_saver(asynchronous=async_save, staging_budget_bytes=staging_budget_bytes)
@@ -124,9 +138,7 @@ class CheckpointManager(RunQueries, RunRestore):
         error: BaseException | None = None
         if self._role.leader:
             try:
-                self._open_as_leader(
-                    name, run_metadata, lease_seconds, replica_retention, replica_max_to_keep
-                )
+                self._open_as_leader(name, run_metadata, lease_seconds, replica_policies)
             except BaseException as exc:
                 self._closed = True
                 error = exc
@@ -158,8 +170,7 @@ class CheckpointManager(RunQueries, RunRestore):
         name: str | None,
         run_metadata: Any,
         lease_seconds: float,
-        replica_retention: Sequence[RetentionPolicy] | None,
-        replica_max_to_keep: int | None,
+        replica_policies: list[RetentionPolicy],
     ) -> None:
         self._dir.create()
         try:
@@ -169,12 +180,7 @@ class CheckpointManager(RunQueries, RunRestore):
             self._scan: RunScan = self._dir.scan()
             if self._replica is not None:
                 self._replica.sweep()
-                policies = (
-                    list(replica_retention)
-                    if replica_retention is not None
-                    else policies_from_options(replica_max_to_keep, None, None, "min", 1)
-                )
-                self._replicator = Replicator(self._replica.location, policies, self.run_id)
+                self._replicator = Replicator(self._replica.location, replica_policies, self.run_id)
         except BaseException:
             self._release_locks()
             raise
@@ -228,6 +234,7 @@ class CheckpointManager(RunQueries, RunRestore):
         earlier background save or replication.
         """
         self._check_open()
+        step = options.as_step(step)
         if not force and not self.should_save(step):
             return False
         self._collect(block=True)  # one save in flight; raises a previous background failure
@@ -294,6 +301,7 @@ class CheckpointManager(RunQueries, RunRestore):
     def should_save(self, step: int) -> bool:
         """Whether ``step`` is due: an interval is reached, or a preemption signal arrived. In a
         distributed job every rank gets the same answer (role.py): one small collective."""
+        step = options.as_step(step)
         wanted = super().should_save(step)
         pending_preemption = self._preemption.requested and not self._preemption_saved
         due, preempting = self._role.agree_to_save(wanted, pending_preemption)
@@ -315,6 +323,7 @@ class CheckpointManager(RunQueries, RunRestore):
         """Attach metrics (e.g. evaluation results) to a committed checkpoint; they count for
         best-K retention. Stored beside the manifest, which stays untouched."""
         self._check_open()
+        step = options.as_step(step)
         if not self._role.leader:
             return  # the leader writes the run's side files
         record = self._committed_record(step)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from statevault.manager.options import as_step
+
 RUN_FILE = "run.json"
 LOCK_FILE = ".statevault.lock"
 ANNOTATIONS_FILE = "annotations.json"
@@ -21,9 +23,7 @@ _TEMPORARY = re.compile(r"^step_\d{9,19}\.tmp-[0-9a-f]+(-old)?$")
 
 
 def step_dir_name(step: int) -> str:
-    if step < 0:
-        raise ValueError(f"steps are non-negative, got {step}")
-    return f"step_{step:09d}"
+    return f"step_{as_step(step):09d}"
 
 
 def parse_step(name: str) -> int | None:

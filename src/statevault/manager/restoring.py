@@ -12,6 +12,7 @@ from typing import Any
 
 from statevault.checkpoint import load
 from statevault.errors import CheckpointError
+from statevault.manager import options
 from statevault.manager.index import CheckpointRecord, RunScan
 from statevault.manager.replication import Replicator
 from statevault.manager.resume import candidates, load_newest
@@ -79,6 +80,7 @@ class RunRestore:
         valid checkpoint, or ``step``) instead; the fork is recorded in this run's lineage.
         """
         self._check_open()
+        step = options.as_step(step) if step is not None else None
         if self._role.leader:
             try:
                 if source is not None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from statevault.manager import options
 from statevault.manager.index import CheckpointRecord
 
 Mode = Literal["min", "max"]
@@ -29,6 +30,9 @@ class RetentionPolicy(Protocol):
 class KeepLatest:
     count: int
 
+    def __post_init__(self) -> None:
+        options.count("KeepLatest(count)", self.count)
+
     def keep(self, records: Sequence[CheckpointRecord]) -> dict[int, str]:
         newest = sorted(r.step for r in records)[-self.count :] if self.count > 0 else []
         return dict.fromkeys(newest, f"latest {self.count}")
@@ -37,6 +41,9 @@ class KeepLatest:
 @dataclass(frozen=True)
 class KeepEveryNSteps:
     interval: int
+
+    def __post_init__(self) -> None:
+        options.count("KeepEveryNSteps(interval)", self.interval)
 
     def keep(self, records: Sequence[CheckpointRecord]) -> dict[int, str]:
         return {
@@ -49,6 +56,12 @@ class KeepBest:
     metric: str
     mode: Mode = "min"
     count: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metric, str) or not self.metric:
+            raise TypeError(f"KeepBest(metric) must be a metric name, got {self.metric!r}")
+        options.choice("KeepBest(mode)", self.mode, ("min", "max"))
+        options.count("KeepBest(count)", self.count)
 
     def keep(self, records: Sequence[CheckpointRecord]) -> dict[int, str]:
         scored = [(self.score(r.metrics[self.metric]), r.step) for r in records if self.has(r)]
@@ -91,13 +104,19 @@ def policies_from_options(
     best_mode: Literal["min", "max"],
     keep_best: int,
 ) -> list[RetentionPolicy]:
-    """The policies the manager's keyword options stand for (an empty list keeps everything)."""
-    if best_mode not in ("min", "max"):
-        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    """The policies the manager's keyword options stand for (an empty list keeps everything);
+    each option is checked here, at the call (options.py)."""
+    options.choice("best_mode", best_mode, ("min", "max"))
+    max_to_keep = options.count_or_none("max_to_keep", max_to_keep)
+    keep_every_n_steps = options.count_or_none(
+        "keep_every_n_steps", keep_every_n_steps, "keep no step for its number"
+    )
+    keep_best = options.count("keep_best", keep_best)
+    best_metric = options.text_or_none("best_metric", best_metric)
     policies: list[RetentionPolicy] = []
     if max_to_keep is not None:
         policies.append(KeepLatest(max_to_keep))
-    if keep_every_n_steps:
+    if keep_every_n_steps is not None:
         policies.append(KeepEveryNSteps(keep_every_n_steps))
     if best_metric is not None:
         policies.append(KeepBest(best_metric, best_mode, keep_best))
