@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 import statevault as sv
+from statevault.format.names import is_marker_name
 from tests.s3_server import (
     ACCESS_KEY,
     MANIFEST,
@@ -143,14 +144,17 @@ def big_state(seed: int, mib: int = BIG_MIB) -> dict[str, Any]:
 
 
 def assert_exact_listing(fs: Any, prefix: str) -> dict[str, Any]:
-    """The objects under ``prefix`` are exactly manifest.json and the shards it lists, with the
-    sizes it records. Returns the manifest body."""
+    """The objects under ``prefix`` are exactly manifest.json, the shards it lists, with the
+    sizes it records, and the marker of the save that wrote them (commit.py). Returns the
+    manifest body."""
     body = manifest_body(fs, prefix)
     expected = {MANIFEST, *shard_names(body)}
     found = objects_under(fs, prefix)
-    assert set(found) == expected, (
+    markers = {name for name in found if is_marker_name(name)}
+    assert len(markers) == 1, f"objects under {prefix}: one save marker expected: {sorted(found)}"
+    assert set(found) - markers == expected, (
         f"objects under {prefix} are not exactly the manifest and its shards: "
-        f"extra {sorted(set(found) - expected)}, missing {sorted(expected - set(found))}"
+        f"extra {sorted(set(found) - markers - expected)}, missing {sorted(expected - set(found))}"
     )
     for entry in body["files"]:
         assert found[entry["name"]] == entry["size"], entry["name"]
@@ -339,7 +343,8 @@ def test_prefix_without_manifest_is_not_a_checkpoint(s3_bucket: S3Bucket) -> Non
     sv.save(big_state(1, mib=1), url, storage_options=options)
     shards = shard_names(manifest_body(s3_bucket.fs, url))
     s3_bucket.fs.rm(f"{url}/{MANIFEST}")  # what a save in flight, or a dead one, leaves
-    assert set(objects_under(s3_bucket.fs, url)) == set(shards)
+    left = set(objects_under(s3_bucket.fs, url))
+    assert {name for name in left if not is_marker_name(name)} == set(shards)
 
     with pytest.raises(sv.CheckpointNotFoundError) as caught:
         sv.load(url, storage_options=options)

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 import statevault as sv
+from statevault.format.names import is_marker_name
 from tests.manager_helpers import small_state
 from tests.s3_server import (
     FaultProxy,
@@ -49,11 +50,14 @@ def big_state(seed: int) -> dict[str, Any]:
 
 
 def _exact(bucket: S3Bucket, prefix: str) -> None:
-    """The objects under a checkpoint prefix are exactly its manifest and the files it lists."""
+    """The objects under a checkpoint prefix are exactly its manifest, the files it lists and
+    the marker of the save that wrote them (commit.py): nothing of a failed attempt."""
     listed = objects_under(bucket.fs, prefix)
     body = manifest_body(bucket.fs, prefix)
     expected = {"manifest.json"} | {entry["name"] for entry in body["files"]}
-    assert set(listed) == expected, (sorted(listed), sorted(expected))
+    markers = {name for name in listed if is_marker_name(name)}
+    assert len(markers) == 1, sorted(listed)
+    assert set(listed) - markers == expected, (sorted(listed), sorted(expected))
 
 
 def _parts_fail_from(nth: int) -> Any:

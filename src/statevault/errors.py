@@ -12,8 +12,10 @@ type and know nothing else escaped::
     ├── StateMismatchError              the checkpoint does not fit the objects given as ``into``
     ├── UnsupportedValueError           a value in the state that the format cannot represent
     ├── RunLockedError                  another live CheckpointManager writes this run
-    ├── StorageError                    the storage refused in a way no retry fixes (no bucket,
-    │                                   access denied); names the URL
+    ├── StorageError                    the storage refused, or failed after the client's bounded
+    │                                   retries (unreachable endpoint, timeout, no credentials,
+    │                                   access denied, no bucket, full or read-only disk); names
+    │                                   the path or URL and chains the cause
     └── DistributedSaveError            a save of a distributed job failed on some rank (or a
                                         rank died): nothing was committed; names the ranks
 
@@ -105,7 +107,8 @@ class RunLockedError(CheckpointError):
 
 
 class StorageError(CheckpointError, OSError):
-    """The storage refused an operation that retrying cannot fix; names the URL and the fix."""
+    """The storage refused an operation, or failed after the client's bounded retries; names
+    the path or URL and the fix, and chains the storage's own error."""
 
 
 class DistributedSaveError(CheckpointError):

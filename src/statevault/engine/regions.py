@@ -16,7 +16,7 @@ from types import TracebackType
 
 from statevault.engine.prefetch import REQUEST_BYTES, WINDOW_BYTES, Prefetcher
 from statevault.engine.reader import CheckpointReader
-from statevault.errors import CorruptCheckpointError
+from statevault.errors import CorruptCheckpointError, StorageError
 from statevault.format.checksum import crc32c_of, parse_checksum
 from statevault.format.manifest import BLOCK_BYTES, TensorEntry
 
@@ -61,6 +61,8 @@ class RegionReader:
             if name not in self._files:
                 try:
                     self._files[name] = self.reader._open(name)
+                except StorageError:
+                    raise  # the storage failed: no verdict on the bytes
                 except (OSError, ValueError, Exception) as exc:  # _NotAFile is private there
                     raise CorruptCheckpointError(
                         f"{self.reader.location.url}: file {name} cannot be opened ({exc})"
@@ -148,6 +150,8 @@ class RegionReader:
                 with self._lock:
                     self.bytes_read += len(out)
                 return
+        except StorageError:
+            raise  # the storage failed: no verdict on the bytes
         except (OSError, EOFError) as exc:
             raise CorruptCheckpointError(
                 f"{self.reader.location.url} is damaged: tensor {entry.path} in {entry.file}: "
@@ -158,6 +162,8 @@ class RegionReader:
             for done in range(0, len(out), _READ_BYTES):
                 piece = out[done : done + _READ_BYTES]
                 source.read_into(entry.offset + start + done, piece)  # type: ignore[attr-defined]
+        except StorageError:
+            raise
         except (OSError, EOFError) as exc:
             raise CorruptCheckpointError(
                 f"{self.reader.location.url} is damaged: tensor {entry.path} in {entry.file}: "

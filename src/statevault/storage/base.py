@@ -46,7 +46,8 @@ _Handle = TypeVar("_Handle", bound="CommitsOnExit")
 
 class CommitsOnExit:
     """``with`` support for write handles: ``close()`` (durable) on success, ``abort()`` when
-    the block raised."""
+    the block raised, or when ``close()`` itself failed (a full disk reported at fsync): a file
+    that is not durable is never left behind."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -64,7 +65,11 @@ class CommitsOnExit:
         traceback: TracebackType | None,
     ) -> None:
         if kind is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()
 

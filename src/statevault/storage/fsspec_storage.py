@@ -9,13 +9,37 @@ whatever the size of the state. Reads are ranged (``cat_file(path, start, end)``
 the byte ranges it needs, not whole objects.
 
 Errors, two kinds. Transient ones (a dropped connection, a timeout, a throttling reply) are
-retried by the filesystem's client (botocore and s3fs for S3, each request several times with
-backoff); idempotent whole-object operations (listing, sizing, reading, small puts, deletes)
-are retried once more here, with exponential backoff (:func:`retrying`). Errors that retrying
-cannot fix (no bucket, access denied, a quota exceeded) are raised at once as
-:class:`StorageError` naming the URL. A streamed upload is never retried piecemeal here: a
-failed part aborts the multipart upload, and the caller retries the whole file (replication
-does) or the save fails with nothing committed.
+retried by the filesystem's client; idempotent whole-object operations (listing, sizing,
+reading, small puts, deletes) whose error reaches us as a plain ``OSError`` (a connection reset,
+an I/O error) are retried once more here, ``RETRY_ATTEMPTS`` times with exponential backoff
+(0.2, 0.4, 0.8 s: :func:`retrying`). An error of the client itself (botocore's: an unreachable
+endpoint, a timeout) comes after the client's own retries and is not retried again. Every error
+that is left, and those that retrying cannot fix (no bucket, access denied, no credentials, a
+quota exceeded) at once, is raised as :class:`StorageError` naming the URL, what to do, and the
+original error as its cause (:mod:`statevault.storage.faults`). A streamed upload is never
+retried piecemeal here: a failed part aborts the multipart upload, and the caller retries the
+whole file (replication does) or the save fails with nothing committed.
+
+The retry budget on S3 (s3://, s3a://). Unless ``storage_options`` set them (in
+``config_kwargs``; or the environment sets ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE``),
+statevault gives botocore ``connect_timeout=S3_CONNECT_TIMEOUT_S`` (5 s) and
+``retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}`` (3 attempts in all,
+the first included, with a random backoff of at most 1 s, then 2 s, between them). So a request
+to an unreachable endpoint fails with a StorageError
+
+- within about 3 s when the connection is refused (nothing listens there: the backoff alone);
+- within about 3 x 5 + 3 = 18 s when nothing answers at all (a black-holed address, a firewall
+  that drops packets).
+
+An endpoint that accepts the connection but never answers waits ``read_timeout`` per attempt
+(s3fs's default, 15 s), and s3fs retries such timeouts itself up to 5 times: up to about
+4 minutes; lower it with ``storage_options={"config_kwargs": {"read_timeout": ...}}``. A save
+or load that fails makes a few more requests while it cleans up (aborting the upload, removing
+its temporary), each within the same budget. Example, a tighter budget::
+
+    sv.save(state, "s3://bucket/ckpt", storage_options={
+        "config_kwargs": {"connect_timeout": 2, "retries": {"total_max_attempts": 2}}
+    })
 """
 
 from __future__ import annotations
@@ -24,23 +48,27 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime
+import errno
 import functools
 import os
 import posixpath
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from statevault.errors import StorageError
 from statevault.format.names import MANIFEST_NAME
 from statevault.storage.base import CommitsOnExit
+from statevault.storage.faults import typed_storage_errors
 
 PART_BYTES = 16 << 20
 UPLOAD_CONCURRENCY = int(os.environ.get("STATEVAULT_UPLOAD_CONCURRENCY", "4"))
 RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 0.2
-_FATAL_MARKERS = ("QuotaExceeded", "StorageFull", "InsufficientStorage", "AccountProblem")
+S3_CONNECT_TIMEOUT_S = 5
+S3_MAX_ATTEMPTS = 3
+S3_PROTOCOLS = frozenset({"s3", "s3a"})
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
 
 
@@ -68,6 +96,7 @@ class FsspecWriteHandle(CommitsOnExit):
         self.path = path
         storage.uploads.acquire()  # released by close or abort: bounds the parts in memory
         self._slot = True
+        self._aborted = False
         try:
             self.file: Any = storage.call(path, storage.fs.open, path, "wb", block_size=PART_BYTES)
         except BaseException:
@@ -97,7 +126,10 @@ class FsspecWriteHandle(CommitsOnExit):
             _return_freed_memory()
 
     def abort(self) -> None:
-        """Abandon the upload (a multipart upload is aborted, nothing is published)."""
+        """Abandon the upload (a multipart upload is aborted, nothing is published); once."""
+        if self._aborted:
+            return
+        self._aborted = True
         discard = getattr(self.file, "discard", None)
         with contextlib.suppress(Exception):  # best effort: the write already failed
             if callable(discard):
@@ -124,29 +156,15 @@ class FsspecStorage:
         return f"{self.protocol}://{path}"
 
     def call(self, path: str, function: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run a filesystem call; errors no retry can fix become StorageError naming the URL."""
-        try:
+        """Run a filesystem call; a storage fault becomes a StorageError naming the URL."""
+        with typed_storage_errors(self.url(path)):
             return function(*args, **kwargs)
-        except PermissionError as exc:
-            raise StorageError(
-                f"{self.url(path)}: access denied ({exc}); check the credentials given through "
-                "storage_options or the environment"
-            ) from exc
-        except OSError as exc:
-            if isinstance(exc, StorageError):
-                raise
-            if "NoSuchBucket" in repr(exc) or "bucket does not exist" in str(exc).lower():
-                raise StorageError(f"{self.url(path)}: the bucket does not exist") from exc
-            if any(marker in repr(exc) for marker in _FATAL_MARKERS):
-                raise StorageError(
-                    f"{self.url(path)}: the store refused the write for good ({exc}); free "
-                    "space or raise the quota"
-                ) from exc
-            raise
 
     def call_retrying(self, path: str, function: Any, *args: Any, **kwargs: Any) -> Any:
-        """:meth:`call` for idempotent operations, retried on transient errors with backoff."""
-        return retrying(lambda: self.call(path, function, *args, **kwargs))
+        """:meth:`call` for idempotent operations, retried on transient errors with backoff;
+        the error left after the last attempt is typed."""
+        with typed_storage_errors(self.url(path)):
+            return retrying(lambda: function(*args, **kwargs))
 
     def _fresh(self, path: str) -> None:
         """Forget cached listings: another process (a dead save, a retention) may have changed
@@ -248,10 +266,13 @@ class FsspecStorage:
             return 0.0  # exists, but the store keeps no times: old enough for anything
         return max(times) if times else None
 
-    def abort_stale_uploads(self, path: str, older_than_s: float) -> int:
+    def abort_stale_uploads(
+        self, path: str, older_than_s: float, owned: Callable[[str], bool] = lambda key: True
+    ) -> int:
         """Abort multipart uploads under ``path`` begun more than ``older_than_s`` ago (those
-        of a killed writer: invisible to listings, billed until aborted). S3 only; returns how
-        many were aborted."""
+        of a killed writer: invisible to listings, billed until aborted) whose key relative to
+        ``path`` is ``owned`` (another tool's uploads are not ours to abort). S3 only; returns
+        how many were aborted."""
         call_s3 = getattr(self.fs, "call_s3", None)
         if call_s3 is None:
             return 0
@@ -265,6 +286,8 @@ class FsspecStorage:
         for upload in listing.get("Uploads", []):
             started = upload.get("Initiated")
             if isinstance(started, datetime.datetime) and started.timestamp() > cutoff:
+                continue
+            if not owned(str(upload["Key"])[len(prefix) :]):
                 continue
             self.call_retrying(
                 path,
@@ -292,10 +315,39 @@ def _timestamp(info: dict[str, Any]) -> float | None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying may help: network and server hiccups, not a refusal or a missing key."""
-    if isinstance(exc, (StorageError, FileNotFoundError, FileExistsError, PermissionError)):
+    """Whether retrying may help: network and server hiccups, not a refusal or a missing key.
+
+    An error of the client library itself (botocore's timeouts and connection errors) comes
+    after the client's own bounded retries: retrying it here would multiply that budget. A
+    StorageError is transient when what it types is (a connection reset in an upload)."""
+    if isinstance(exc, StorageError):
+        cause = exc.__cause__
+        return cause is not None and not isinstance(cause, StorageError) and is_transient(cause)
+    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError)):
+        return False
+    if type(exc).__module__.split(".", 1)[0] in _CLIENT_LIBRARIES:
+        return False
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return False
     return isinstance(exc, (OSError, ConnectionError, TimeoutError))
+
+
+_CLIENT_LIBRARIES = frozenset({"botocore", "aiobotocore", "urllib3", "requests"})
+_PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def with_retry_budget(protocol: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` for fsspec, with the bounded S3 retry budget of the module docstring added
+    where the caller (or the environment) has not chosen one; ``options`` is not modified."""
+    merged = dict(options or {})
+    if protocol not in S3_PROTOCOLS:
+        return merged
+    config = dict(merged.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
+    if "AWS_MAX_ATTEMPTS" not in os.environ and "AWS_RETRY_MODE" not in os.environ:
+        config.setdefault("retries", {"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+    merged["config_kwargs"] = config
+    return merged
 
 
 def retrying(

@@ -3,6 +3,10 @@
 Files are opened with ``O_NOFOLLOW`` for reading so that a symlink planted inside a checkpoint
 cannot make a load read outside it, and created with ``O_EXCL`` so that a save never writes into
 a file it did not create.
+
+A storage fault (a full, read-only or forbidden disk, an I/O error) raises
+:class:`~statevault.errors.StorageError` naming the path (:mod:`statevault.storage.faults`);
+``FileNotFoundError`` and ``FileExistsError`` stay as they are.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import uuid
 
 from statevault.format.names import MANIFEST_NAME
 from statevault.storage.base import CommitsOnExit
+from statevault.storage.faults import typed_storage_errors
 
 _MAX_WRITE = 1 << 30  # per syscall; Linux caps a single write at ~2 GiB anyway
 
@@ -24,30 +29,34 @@ class LocalWriteHandle(CommitsOnExit):
     def __init__(self, path: str) -> None:
         self.path = path
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        self.fd: int | None = os.open(path, flags, 0o644)
+        with typed_storage_errors(path):
+            self.fd: int | None = os.open(path, flags, 0o644)
 
     def write(self, data: memoryview) -> None:
         assert self.fd is not None, "write after close"
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-        while len(view):
-            written = os.write(self.fd, view[:_MAX_WRITE])
-            view = view[written:]
+        with typed_storage_errors(self.path):
+            while len(view):
+                written = os.write(self.fd, view[:_MAX_WRITE])
+                view = view[written:]
 
     def close(self) -> None:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with typed_storage_errors(self.path):  # NFS and quotas report a full disk here
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def abort(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        with typed_storage_errors(self.path):
+            if self.fd is not None:
+                fd, self.fd = self.fd, None
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 class LocalStorage:
@@ -56,7 +65,7 @@ class LocalStorage:
     atomic_rename = True
 
     def remove_file(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with typed_storage_errors(path), contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
     def exists(self, path: str) -> bool:
@@ -66,19 +75,22 @@ class LocalStorage:
         return os.path.isdir(path) and not os.path.islink(path)
 
     def list_dir(self, path: str) -> list[str]:
-        return sorted(os.listdir(path))
+        with typed_storage_errors(path):
+            return sorted(os.listdir(path))
 
     def size(self, path: str) -> int:
-        fd = _open_read(path)
+        fd = open_read(path)
         try:
-            return os.fstat(fd).st_size
+            with typed_storage_errors(path):
+                return os.fstat(fd).st_size
         finally:
             os.close(fd)
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
-        fd = _open_read(path)
+        fd = open_read(path)
         try:
-            read_into_fd(fd, offset, buffer)
+            with typed_storage_errors(path):
+                read_into_fd(fd, offset, buffer)
         finally:
             os.close(fd)
 
@@ -91,22 +103,31 @@ class LocalStorage:
         return LocalWriteHandle(path)
 
     def make_dir(self, path: str) -> None:
-        os.makedirs(path, exist_ok=False)
+        with typed_storage_errors(path):
+            os.makedirs(path, exist_ok=False)
 
     def remove_tree(self, path: str) -> None:
         """Delete a checkpoint directory, its manifest first so it never looks committed."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, MANIFEST_NAME))
-        fsync_dir(path)
-        shutil.rmtree(path, ignore_errors=False)
+        with typed_storage_errors(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, MANIFEST_NAME))
+            fsync_dir(path)
+            shutil.rmtree(path, ignore_errors=False)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write aside, fsync, rename over ``path``, fsync the directory: all or nothing."""
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with LocalWriteHandle(tmp) as handle:
             handle.write(memoryview(data))
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path) or ".")
+        try:
+            with typed_storage_errors(path):
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # never leave the aside copy behind
+            raise
+        with typed_storage_errors(path):
+            fsync_dir(os.path.dirname(path) or ".")
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         try:
@@ -115,29 +136,31 @@ class LocalStorage:
             return False
         with handle:
             handle.write(memoryview(data))
-        fsync_dir(os.path.dirname(path) or ".")
+        with typed_storage_errors(path):
+            fsync_dir(os.path.dirname(path) or ".")
         return True
 
     def modified(self, path: str) -> float | None:
-        try:
-            newest = os.lstat(path).st_mtime
-        except FileNotFoundError:
-            return None
-        if self.is_dir(path):
-            for root, _, files in os.walk(path):
-                for name in files:
-                    with contextlib.suppress(FileNotFoundError):
-                        newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
-        return newest
+        with typed_storage_errors(path):
+            try:
+                newest = os.lstat(path).st_mtime
+            except FileNotFoundError:
+                return None
+            if self.is_dir(path):
+                for root, _, files in os.walk(path):
+                    for name in files:
+                        with contextlib.suppress(FileNotFoundError):
+                            newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            return newest
 
 
-def _open_read(path: str) -> int:
-    return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-
-
-def open_read(path: str) -> int:
-    """A read-only descriptor that refuses symlinks; the caller closes it."""
-    return _open_read(path)
+def open_read(path: str, dir_fd: int | None = None) -> int:
+    """A read-only descriptor that refuses symlinks (ELOOP); the caller closes it. ``dir_fd``:
+    ``path`` is relative to that open directory (``openat``). A storage fault (EACCES, EIO...)
+    is a StorageError naming ``path``."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    with typed_storage_errors(path):
+        return os.open(path, flags, dir_fd=dir_fd)
 
 
 def read_into_fd(fd: int, offset: int, buffer: memoryview) -> None:

@@ -1,7 +1,8 @@
 """Where a checkpoint or run lives: a plain path (the local fast path) or any fsspec URL.
 
 Credentials and endpoints come the usual fsspec way, ``storage_options`` or the environment;
-statevault never writes them anywhere.
+statevault never writes them anywhere. On S3 it adds a bounded retry budget where the options
+set none (see :mod:`statevault.storage.fsspec_storage`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from statevault.errors import StorageError
 from statevault.storage.base import Storage
-from statevault.storage.fsspec_storage import FsspecStorage
+from statevault.storage.fsspec_storage import FsspecStorage, with_retry_budget
 from statevault.storage.local import LocalStorage
 
 PathLike = str | os.PathLike[str]
@@ -73,7 +74,7 @@ def resolve(
 
     protocol = text.split("://", 1)[0]
     try:
-        fs, path = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(text, **with_retry_budget(protocol, storage_options))
     except ImportError as exc:
         raise StorageError(
             f"{text}: the {protocol}:// filesystem is not installed ({exc}); for S3 install "
