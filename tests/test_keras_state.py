@@ -209,3 +209,47 @@ def test_model_in_a_manager_with_strict_false(tmp_path: Path) -> None:
         with pytest.warns(UserWarning, match="partial restore"):
             restored = manager.restore(into={"model": bigger}, strict=False)
     assert restored is not None and restored.step == 1
+
+
+KERAS_RECIPE = """
+import random, sys
+import numpy as np
+import keras
+import tensorflow as tf
+import statevault as sv
+import statevault.keras as svk
+
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.1), keras.layers.Dense(1)])
+model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+data = tf.data.Dataset.from_tensor_slices((x, x @ np.ones((4, 1), "float32"))).batch(8)
+ckpt = svk.CheckpointCallback(sys.argv[1], state={"rng": sv.RNGState()})
+history = model.fit(data, epochs=int(sys.argv[2]), callbacks=[ckpt], verbose=0)
+ckpt.close()
+print(history.epoch, "torch" in sys.modules)
+"""
+
+
+def test_the_rng_recipe_resumes_in_a_process_without_torch(tmp_path: Path) -> None:
+    """The documented Keras recipe, ``CheckpointCallback(run, state={"rng": sv.RNGState()})``,
+    restarted in a new process, on a machine where torch is installed: the restart restores
+    the checkpoint that the first process (which never imported torch) saved."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(KERAS_RECIPE)
+    run = tmp_path / "run"
+    outputs = []
+    for epochs in (1, 2):
+        done = subprocess.run(
+            [sys.executable, str(script), str(run), str(epochs)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(done.stdout.strip().splitlines()[-1])
+    assert outputs[0] == "[0] False"
+    assert outputs[1].startswith("[1]"), f"the restart resumed after epoch 0: {outputs[1]}"

@@ -197,3 +197,30 @@ def test_held_back_copies_land_before_a_stateful_restore_reads_them(tmp_path: Pa
     sv.load(tmp_path / "ck", into={"shared": shared, "reader": reader})
     assert reader.seen is not None
     assert torch.equal(reader.seen, torch.arange(4.0))
+
+
+def test_restoring_imports_no_framework_the_program_did_not(tmp_path: Path) -> None:
+    """A numpy program (or a Keras one) that saves and restores its state, random streams
+    included, never gets torch or TensorFlow imported behind its back."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys\n"
+        "import numpy as np\n"
+        "import statevault as sv\n"
+        "class Loop:\n"
+        "    def __init__(self): self.epoch = 0\n"
+        "    def state_dict(self): return {'epoch': self.epoch}\n"
+        "    def load_state_dict(self, s): self.epoch = s['epoch']\n"
+        "loop = Loop(); loop.epoch = 3\n"
+        f"path = {str(tmp_path / 'ck')!r}\n"
+        "sv.save({'w': np.arange(4.0), 'loop': loop, 'rng': sv.RNGState()}, path)\n"
+        "w, fresh = np.zeros(4), Loop()\n"
+        "sv.load(path, into={'w': w, 'loop': fresh, 'rng': sv.RNGState()})\n"
+        "assert w.tolist() == [0.0, 1.0, 2.0, 3.0] and fresh.epoch == 3\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'jax') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"imported by the restore: {done.stdout.strip()}"

@@ -10,6 +10,7 @@ sharded tensor going anywhere else is assembled whole from its chunks.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -166,8 +167,8 @@ def _targets(
     pick_rank: Callable[[int], int],
 ) -> dict[tuple[str, int], Any]:
     """DTensor destinations whose global shape and dtype match what was saved."""
-    if into is None:
-        return {}
+    if into is None or "torch.distributed.tensor" not in sys.modules:
+        return {}  # no DTensor can exist here (and importing dtensor would import torch)
     from statevault.distributed.dtensor import dtensor_class
 
     if dtensor_class() is None:  # no DTensor can exist in this process

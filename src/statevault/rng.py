@@ -7,6 +7,12 @@ dropout masks, augmentations and shuffles continue as if the run had never stopp
 
     sv.save({"model": model, "rng": sv.RNGState()}, path)
     sv.load(path, into={"model": model, "rng": sv.RNGState()})
+
+A restore sets the streams the checkpoint has and this process can set, and only those:
+python's and numpy's always; torch's only if the checkpoint holds them (an RNGState saved by a
+program that had not imported torch, a Keras one say, restores into a program that has). A
+torch stream saved but not restorable here (torch not imported) is skipped with a warning.
+:meth:`RNGState.restorable_state` tells the fit check of ``load(into=)`` exactly that.
 """
 
 from __future__ import annotations
@@ -14,9 +20,15 @@ from __future__ import annotations
 import random
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+# Streams every process has (python, numpy): a checkpoint without them does not fit.
+_ALWAYS = ("python", "numpy")
+# Streams of a framework: the module that must be imported for them to be restored.
+_FRAMEWORK_OF = {"torch_cpu": "torch", "torch_cuda": "torch"}
 
 
 class RNGState:
@@ -33,6 +45,21 @@ class RNGState:
             if torch.cuda.is_available():  # always, so that a fresh process has the same keys
                 state["torch_cuda"] = list(torch.cuda.get_rng_state_all())
         return state
+
+    def restorable_state(self, saved: Any) -> dict[str, Any]:
+        """What a restore from ``saved`` sets, as ``state_dict()`` shows it: python's and
+        numpy's streams, and each other stream of this process that ``saved`` holds. A saved
+        stream whose framework is not imported here maps to None (no demand on its shape: it
+        is skipped with a warning)."""
+        current = self.state_dict()
+        if not isinstance(saved, Mapping):
+            return current  # the fit check reports the saved value's type
+        wanted = {k: v for k, v in current.items() if k in _ALWAYS or k in saved}
+        for key in saved:
+            framework = _FRAMEWORK_OF.get(str(key))
+            if key not in current and framework is not None and framework not in sys.modules:
+                wanted[key] = None
+        return wanted
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         random.setstate(_python_state(state_dict["python"]))

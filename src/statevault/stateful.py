@@ -54,3 +54,12 @@ def as_stateful(value: object) -> Stateful | None:
 def type_name(value: object) -> str:
     kind = type(value)
     return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def restorable_state(stateful: Stateful, saved: Any) -> Any:
+    """What restoring ``stateful`` from ``saved`` sets, as its ``state_dict()`` shows it: the
+    target of the fit check of ``load(into=)``. A Stateful with optional parts (RNGState: the
+    streams of frameworks) narrows it with a ``restorable_state(saved)`` method; for any other
+    it is the whole ``state_dict()``."""
+    narrowed = getattr(stateful, "restorable_state", None)
+    return narrowed(saved) if callable(narrowed) else stateful.state_dict()
