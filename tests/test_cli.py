@@ -435,3 +435,38 @@ def test_cli_never_imports_torch(checkpoint: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+class _Recorder:
+    """A ByteProgress that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.totals: list[int] = []
+        self.advances: list[int] = []
+
+    def start(self, total: int) -> None:
+        self.totals.append(total)
+
+    def advance(self, amount: int) -> None:
+        assert self.totals, "advance before start"
+        self.advances.append(amount)
+
+
+def test_verify_reports_progress_in_bytes(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import statevault.checkpoint
+
+    monkeypatch.setattr(statevault.checkpoint, "VERIFY_BATCH_BYTES", 64)  # many small batches
+    recorder = _Recorder()
+    report = sv.verify(checkpoint, progress=recorder)
+    assert report.ok and recorder.totals == [report.bytes_checked]
+    assert len(recorder.advances) > 3 and sum(recorder.advances) == report.bytes_checked
+    recorder = _Recorder()
+    subtree = sv.verify(checkpoint, only="model", progress=recorder)
+    assert recorder.totals == [subtree.bytes_checked] < [report.bytes_checked]
+    assert sum(recorder.advances) == subtree.bytes_checked
+    entry = _entries(checkpoint)[-1]
+    _flip_byte(checkpoint / entry.file, entry.offset)
+    damaged = sv.verify(checkpoint, progress=_Recorder())
+    assert [p for p in damaged.problems if entry.path in p]  # batching still names the tensor

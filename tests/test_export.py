@@ -273,3 +273,91 @@ def test_url_source_tied_weights_and_empty_exports(tmp_path: Path) -> None:
     assert report.tensors == 0 and load_file(tmp_path / "empty.safetensors") == {}
     export_hf(tmp_path / "plain", tmp_path / "hf")
     assert (tmp_path / "hf" / "model-00001-of-00001.safetensors").exists()
+
+
+def test_export_onto_a_directory_is_refused_and_leaves_it(ckpt, tmp_path: Path) -> None:
+    path, _, _ = ckpt
+    target = tmp_path / "dir"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(sv.CheckpointExistsError, match="is a directory") as caught:
+            export_safetensors(path, target, only="model", overwrite=overwrite)
+        assert str(target) in str(caught.value)
+        assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    # --format hf replaces an earlier HF export, never a directory it did not write
+    with pytest.raises(CheckpointError, match=r"keep\.txt"):
+        export_hf(path, target, only="model", overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    export_hf(path, tmp_path / "hf", only="model")
+    export_hf(path, tmp_path / "hf", only="optimizer", overwrite=True)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert "state.0.exp_avg" in index["weight_map"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "dir", "hf"]
+
+
+def test_hf_names_join_key_path_parts_with_dots(tmp_path: Path) -> None:
+    layers = {"layers": [{"weight": torch.ones(2, 2)}, {"weight": torch.zeros(2, 2)}]}
+    sv.save({"model": {**layers, "lm_head.weight": torch.ones(3)}, "step": 7}, tmp_path / "c")
+    report = export_hf(tmp_path / "c", tmp_path / "hf")  # one subtree holds every array
+    names = list(load_file(tmp_path / "hf" / "model-00001-of-00001.safetensors"))
+    assert names == ["layers.0.weight", "layers.1.weight", "lm_head.weight"]
+    assert report.only == "model"
+    export_hf(tmp_path / "c", tmp_path / "hf2", only="model/layers")
+    assert list(load_file(tmp_path / "hf2" / "model-00001-of-00001.safetensors")) == [
+        "0.weight",
+        "1.weight",
+    ]
+    # the plain safetensors export keeps statevault's key paths
+    export_safetensors(tmp_path / "c", tmp_path / "all.safetensors")
+    assert "model/layers/0/weight" in load_file(tmp_path / "all.safetensors")
+
+
+def test_hf_export_of_several_subtrees_is_refused(ckpt, tmp_path: Path) -> None:
+    path, _, _ = ckpt
+    with pytest.raises(CheckpointError, match="only='model'") as caught:
+        export_hf(path, tmp_path / "hf")
+    assert "model, optimizer, rng" in str(caught.value)
+    assert not (tmp_path / "hf").exists()
+    # arrays at the root beside a subtree: also more than one model
+    sv.save({"model": {"w": torch.ones(2)}, "scale": torch.ones(1)}, tmp_path / "mixed")
+    with pytest.raises(CheckpointError, match="model, scale"):
+        export_hf(tmp_path / "mixed", tmp_path / "hf")
+    # a flat state dict at the root is one model: exported as it is
+    sv.save(_model().state_dict(), tmp_path / "flat")
+    export_hf(tmp_path / "flat", tmp_path / "hf")
+    assert list(load_file(tmp_path / "hf" / "model-00001-of-00001.safetensors")) == [
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    ]
+
+
+class _Recorder:
+    """A ByteProgress that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.totals: list[int] = []
+        self.advances: list[int] = []
+
+    def start(self, total: int) -> None:
+        self.totals.append(total)
+
+    def advance(self, amount: int) -> None:
+        assert self.totals, "advance before start"
+        self.advances.append(amount)
+
+
+def test_export_reports_progress_in_bytes(ckpt, tmp_path: Path) -> None:
+    path, _, _ = ckpt
+    recorder = _Recorder()
+    report = export_safetensors(
+        path, tmp_path / "o.safetensors", progress=recorder, buffer_bytes=64
+    )
+    assert recorder.totals == [report.bytes] and report.bytes > 64
+    assert sum(recorder.advances) == report.bytes and max(recorder.advances) <= 64
+    recorder = _Recorder()
+    report = export_hf(path, tmp_path / "hf", only="model", max_shard_bytes=600, progress=recorder)
+    assert len(report.files) > 2  # several shards, one bar
+    assert recorder.totals == [report.bytes] and sum(recorder.advances) == report.bytes

@@ -83,11 +83,12 @@ def test_whole_sharded_checkpoint_skips_per_rank_state(
     document = json.loads(capsys.readouterr().out)
     assert document["tensors"] == 4
     assert document["skipped"] == {"per_rank": 1, "value": 1}  # pos, step
+    assert document["only"] == "model"  # the one top-level key holding arrays: the model
     index = json.loads((out / "model.safetensors.index.json").read_text())
     merged: dict[str, torch.Tensor] = {}
     for name in sorted(set(index["weight_map"].values())):
         merged |= load_file(out / name)
-    expected = {f"model/{k}": v for k, v in _expected().items()}
+    expected = _expected()
     assert merged.keys() == expected.keys()
     assert all(torch.equal(merged[k], v) for k, v in expected.items())
     report = export_hf(sharded_ckpt, tmp_path / "hf2", only="model/cols")

@@ -17,7 +17,7 @@ from safetensors.torch import save_file as save_torch
 
 import statevault as sv
 from statevault.cli.main import main
-from statevault.errors import CheckpointError
+from statevault.errors import CheckpointError, CorruptCheckpointError
 from statevault.interop import detect, import_checkpoint
 
 
@@ -29,6 +29,21 @@ def _metadata(path: Path) -> object:
     return tree.decode(checkpoint.manifest.metadata, lambda i: None, str(path))
 
 
+class _Recorder:
+    """A ByteProgress that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.totals: list[int] = []
+        self.advances: list[int] = []
+
+    def start(self, total: int) -> None:
+        self.totals.append(total)
+
+    def advance(self, amount: int) -> None:
+        assert self.totals, "advance before start"
+        self.advances.append(amount)
+
+
 def test_tensorflow_checkpoint(tmp_path: Path) -> None:
     kernel = tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3))
     half = tf.Variable(tf.constant([1.5, -2.25], dtype=tf.bfloat16))
@@ -37,7 +52,9 @@ def test_tensorflow_checkpoint(tmp_path: Path) -> None:
         str(tmp_path / "tf" / "ckpt")
     )
     assert detect(prefix) == "tf" and detect(prefix + ".index") == "tf"
-    report = import_checkpoint(prefix, tmp_path / "sv")
+    recorder = _Recorder()
+    report = import_checkpoint(prefix, tmp_path / "sv", progress=recorder)
+    assert recorder.totals == [6 * 4 + 2 * 2 + 8] == [sum(recorder.advances)]  # kernel, half, n
     state = sv.load(tmp_path / "sv")
     suffix = "/.ATTRIBUTES/VARIABLE_VALUE"
     np.testing.assert_array_equal(state["kernel" + suffix], kernel.numpy())
@@ -121,8 +138,7 @@ def test_dcp_directory(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
     state = {"model": model.state_dict(), "step": torch.tensor(12)}
     dcp.save(state, checkpoint_id=str(tmp_path / "dcp"))
-    assert detect(str(tmp_path / "dcp")) == "dcp"
-    report = import_checkpoint(tmp_path / "dcp", tmp_path / "sv")
+    report = import_checkpoint(tmp_path / "dcp", tmp_path / "sv", from_="dcp")
     loaded = sv.load(tmp_path / "sv")
     assert report.kind == "dcp" and set(loaded["model"]) == set(model.state_dict())
     assert all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items())
@@ -156,3 +172,47 @@ def test_cli_json_detection_and_refusals(
         assert main(["import", str(tmp_path / source), "--to", str(target), *extra]) == 2
         assert message in capsys.readouterr().err, (source, kind)
         assert not target.exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_is_never_auto_detected(tmp_path: Path) -> None:
+    """DCP's .metadata is a pickle: detection refuses it, saying how to opt in."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=str(tmp_path / "dcp"))
+    with pytest.raises(CheckpointError, match="pickle") as caught:
+        detect(str(tmp_path / "dcp"))
+    assert str(tmp_path / "dcp") in str(caught.value) and "from_='dcp'" in str(caught.value)
+    with pytest.raises(CheckpointError, match="--from dcp"):
+        import_checkpoint(tmp_path / "dcp", tmp_path / "sv")
+    assert not (tmp_path / "sv").exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_damaged_dcp_is_a_corrupt_checkpoint_error(tmp_path: Path) -> None:
+    """torch's CheckpointException is a BaseException: it must not escape as one."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.ones(64)}, checkpoint_id=str(tmp_path / "dcp"))
+    for data in (tmp_path / "dcp").glob("*.distcp"):
+        os.truncate(data, 10)
+    with pytest.raises(CorruptCheckpointError, match="DCP") as caught:
+        import_checkpoint(tmp_path / "dcp", tmp_path / "sv", from_="dcp")
+    assert str(tmp_path / "dcp") in str(caught.value)
+    assert "Traceback" not in str(caught.value)
+    assert not (tmp_path / "sv").exists()
+
+
+def test_import_reports_progress_in_bytes(tmp_path: Path) -> None:
+    arrays = {f"t{i}": np.full(1000 + i, i, dtype=np.float32) for i in range(5)}
+    save_numpy(arrays, tmp_path / "w.safetensors")
+    recorder = _Recorder()
+    import_checkpoint(tmp_path / "w.safetensors", tmp_path / "a", progress=recorder)
+    assert recorder.totals == [sum(a.nbytes for a in arrays.values())]
+    assert len(recorder.advances) == len(arrays) and sum(recorder.advances) == recorder.totals[0]
+
+    torch.save({"w": torch.ones(5000), "b": torch.zeros(300)}, tmp_path / "c.pt")
+    recorder = _Recorder()
+    import_checkpoint(tmp_path / "c.pt", tmp_path / "b", progress=recorder)
+    assert recorder.totals == [os.path.getsize(tmp_path / "c.pt")]
+    assert sum(recorder.advances) == recorder.totals[0] and all(n > 0 for n in recorder.advances)

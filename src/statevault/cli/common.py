@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import json
 import os
 from collections.abc import Callable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from statevault.cli import render, runs
 from statevault.errors import CheckpointError
 from statevault.storage.location import local_directory
 
@@ -134,3 +137,40 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
 def is_url(path: str) -> bool:
     """True for a URL other than ``file://`` (those go through fsspec)."""
     return local_directory(path) is None
+
+
+class ByteBar:
+    """A byte progress bar on stderr for a library call that takes a ``progress=``
+    (:class:`~statevault.interop.progress.ByteProgress`): drawn by :func:`runs.progress`, so only
+    on a terminal, and only when ``enabled`` (commands pass ``not args.json``). The call tells
+    the total itself (``start``), once it has planned its work; the bar goes at the block's end.
+    Example::
+
+        with ByteBar("Exporting", enabled=not args.json) as bar:
+            report = export_safetensors(args.path, args.to, progress=bar)
+    """
+
+    def __init__(self, description: str, *, enabled: bool) -> None:
+        self.description = description
+        self.enabled = enabled
+        self._open = contextlib.ExitStack()
+        self._advance: Callable[[float], None] | None = None
+
+    def __enter__(self) -> ByteBar:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._open.close()
+
+    def start(self, total: int) -> None:
+        bar = runs.progress(render.error_console(), self.description, total, enabled=self.enabled)
+        self._advance = self._open.enter_context(bar)
+
+    def advance(self, amount: int) -> None:
+        if self._advance is not None:
+            self._advance(amount)

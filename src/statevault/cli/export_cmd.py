@@ -1,12 +1,18 @@
 """``statevault export CKPT --to OUT``: a checkpoint's arrays as safetensors.
 
-``--format safetensors`` (default) writes one ``.safetensors`` file; ``--format hf`` a directory
-of ``model-0000i-of-0000N.safetensors`` files (at most ``--max-shard-size`` each) with
-``model.safetensors.index.json``. Arrays are named by key path relative to ``--only``; sharded
-tensors are consolidated; non-array values are skipped and counted. ``--json`` prints::
+``--format safetensors`` (default) writes one ``.safetensors`` file, arrays named by key path
+relative to ``--only`` (``optimizer/state/0/exp_avg``); ``--format hf`` a directory of
+``model-0000i-of-0000N.safetensors`` files (at most ``--max-shard-size`` each, an option of this
+format only) with ``model.safetensors.index.json``, arrays named as HF names them
+(``layers.0.weight``: dots between key-path parts) and one model per directory (without
+``--only``, arrays under several top-level keys are refused; see
+:mod:`statevault.interop.export`). Sharded tensors are consolidated; non-array values are
+skipped and counted. A progress bar (bytes written) is drawn on stderr when it is a terminal,
+never with ``--json``, which prints::
 
-    {"source": ..., "target": ..., "format": "safetensors", "files": [...], "tensors": int,
-     "bytes": int, "skipped": {"value": int, "per_rank": int}, "skipped_total": int}
+    {"source": ..., "target": ..., "format": "safetensors", "only": str | null, "files": [...],
+     "tensors": int, "bytes": int, "skipped": {"value": int, "per_rank": int},
+     "skipped_total": int}
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ import argparse
 import re
 from typing import TYPE_CHECKING, Any
 
-from statevault.cli import render
+from statevault.cli import render, runs
 from statevault.cli.common import (
+    ByteBar,
     ExitCode,
     add_command,
     add_json_flag,
@@ -48,6 +55,9 @@ def register(subparsers: Subparsers) -> None:
         description=(
             "Write every array of a checkpoint (or of the subtree --only) as safetensors, "
             "named by key path relative to --only (--only model gives 0.weight, 2.bias, ...). "
+            "--format hf names arrays with dots between key-path parts (layers.0.weight) and "
+            "writes one model: without --only, the arrays must sit at the root or under one "
+            "top-level key (exported as if --only named it). "
             "Sharded tensors of distributed checkpoints are consolidated into full tensors. "
             "Memory stays bounded (a few tens of MiB of buffers, whatever the model's size): "
             "the header is written first, then each array as it is read, every byte checked "
@@ -76,9 +86,8 @@ def register(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--max-shard-size",
-        default="5GB",
         metavar="SIZE",
-        help="with --format hf: the most array bytes per file (5GB, 500MB, 2GiB; default 5GB)",
+        help="--format hf only: the most array bytes per file (5GB, 500MB, 2GiB; default 5GB)",
     )
     parser.add_argument(
         "--dtype",
@@ -89,25 +98,32 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace OUT if it exists (the new export is complete before the old one goes)",
+        help="replace OUT if it exists (the new export is complete before the old one goes): "
+        "a file, or with --format hf an earlier HF export; never any other directory",
     )
     add_storage_options(parser)
     add_json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    options = storage_options(args)
+    if args.max_shard_size is not None and args.format != "hf":
+        raise runs.UsageError(
+            "--max-shard-size applies to --format hf only (--format safetensors writes a "
+            "single file): drop it, or add --format hf"
+        )
     common: dict[str, Any] = {
         "only": args.only,
         "dtype": args.dtype,
         "overwrite": args.overwrite,
-        "storage_options": options,
+        "storage_options": storage_options(args),
     }
-    if args.format == "hf":
-        limit = parse_size(args.max_shard_size)
-        report = export_hf(args.path, args.to, max_shard_bytes=limit, **common)
-    else:
-        report = export_safetensors(args.path, args.to, **common)
+    with ByteBar("Exporting", enabled=not args.json) as bar:
+        if args.format == "hf":
+            given = args.max_shard_size
+            limit = DEFAULT_MAX_SHARD_BYTES if given is None else parse_size(given)
+            report = export_hf(args.path, args.to, max_shard_bytes=limit, progress=bar, **common)
+        else:
+            report = export_safetensors(args.path, args.to, progress=bar, **common)
     if args.json:
         render.emit_json(report_document(report))
     else:
@@ -133,6 +149,7 @@ def report_document(report: ExportReport) -> dict[str, Any]:
         "source": report.source,
         "target": report.target,
         "format": report.format,
+        "only": report.only,
         "files": report.files,
         "tensors": report.tensors,
         "bytes": report.bytes,
@@ -143,9 +160,11 @@ def report_document(report: ExportReport) -> dict[str, Any]:
 
 def summary(report: ExportReport) -> str:
     files = render.plural(len(report.files), "file")
+    subtree = f" (subtree {report.only})" if report.only else ""
     text = (
-        f"{report.source} -> {report.target}: {render.plural(report.tensors, 'tensor')} "
-        f"({render.human_bytes(report.bytes)}) in {files}"
+        f"{report.source}{subtree} -> {report.target}: "
+        f"{render.plural(report.tensors, 'tensor')} ({render.human_bytes(report.bytes)}) "
+        f"in {files}"
     )
     if report.skipped_total:
         kinds = ", ".join(f"{n} {k}" for k, n in report.skipped.items())

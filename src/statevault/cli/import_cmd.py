@@ -3,8 +3,11 @@
 Sources (``--from``, detected when omitted): ``tf`` (a TensorFlow checkpoint prefix, read with
 ``tf.train.load_checkpoint``), ``safetensors`` (a file), ``torch`` (a ``torch.save`` file, read
 with ``weights_only=True``), ``dcp`` (a ``torch.distributed.checkpoint`` directory: its metadata
-is a pickle, so importing it trusts the source as DCP does). Nothing is written at CKPT on
-failure. ``--json`` prints::
+is a pickle, so importing it trusts the source as DCP does, and only ``--from dcp`` reads one;
+detection refuses it). Nothing is written at CKPT on failure; a source that cannot be read,
+damaged included, exits 2 with one line naming it (torch's warnings and log records are not
+shown; one that explains the failure is quoted in it). A progress bar (bytes read from the
+source) is drawn on stderr when it is a terminal, never with ``--json``, which prints::
 
     {"source": ..., "target": ..., "from": "tf", "arrays": int, "skipped": [names]}
 """
@@ -15,9 +18,16 @@ import argparse
 from typing import TYPE_CHECKING
 
 from statevault.cli import render
-from statevault.cli.common import ExitCode, add_command, add_json_flag, add_storage_options
+from statevault.cli.common import (
+    ByteBar,
+    ExitCode,
+    add_command,
+    add_json_flag,
+    add_storage_options,
+)
 from statevault.cli.common import storage_options as storage_options_of
-from statevault.interop.importing import SOURCES, import_checkpoint
+from statevault.errors import CheckpointError, CorruptCheckpointError
+from statevault.interop.importing import SOURCES, ImportReport, import_checkpoint
 
 if TYPE_CHECKING:
     from statevault.cli.common import Subparsers
@@ -36,7 +46,8 @@ def register(subparsers: Subparsers) -> None:
             "metadata. torch: a torch.save file, read with torch.load(weights_only=True) (never "
             "runs code; a file holding more than weights is refused). dcp: a "
             "torch.distributed.checkpoint directory, consolidated; DCP's .metadata is a pickle, "
-            "so importing it trusts the source exactly as DCP's own load does."
+            "so importing it trusts the source exactly as DCP's own load does: it is never "
+            "detected, only read with --from dcp."
         ),
         handler=run,
     )
@@ -51,7 +62,8 @@ def register(subparsers: Subparsers) -> None:
         "--from",
         dest="kind",
         choices=SOURCES,
-        help="what SRC is (detected when omitted)",
+        help="what SRC is (detected when omitted, except dcp: its metadata is a pickle, so "
+        "reading one must be asked for)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a checkpoint at CKPT (atomically)"
@@ -61,13 +73,7 @@ def register(subparsers: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = import_checkpoint(
-        args.source,
-        args.to,
-        from_=args.kind,
-        overwrite=args.overwrite,
-        storage_options=storage_options_of(args),
-    )
+    report = convert(args)
     if args.json:
         render.emit_json(
             {
@@ -89,3 +95,21 @@ def run(args: argparse.Namespace) -> int:
             ),
         )
     return ExitCode.OK
+
+
+def convert(args: argparse.Namespace) -> ImportReport:
+    """The import, behind a progress bar. A damaged source is a CorruptCheckpointError to the
+    library; here it exits 2, as any source that cannot be read does: exit 1 means that a
+    statevault checkpoint was checked and found damaged."""
+    try:
+        with ByteBar("Reading the source", enabled=not args.json) as bar:
+            return import_checkpoint(
+                args.source,
+                args.to,
+                from_=args.kind,
+                overwrite=args.overwrite,
+                storage_options=storage_options_of(args),
+                progress=bar,
+            )
+    except CorruptCheckpointError as exc:
+        raise CheckpointError(str(exc)) from exc

@@ -9,7 +9,7 @@ Usage::
     statevault rm PATH... [--yes]       delete checkpoints (dry run without --yes)
     statevault gc RUN [--yes]           delete leftovers of crashed saves (dry run without --yes)
     statevault export CKPT --to OUT     a checkpoint's arrays as safetensors (or --format hf)
-    statevault import SRC --to CKPT     a TF / safetensors / torch.save / DCP checkpoint
+    statevault import SRC --to CKPT     a TF / safetensors / torch.save / DCP (--from dcp) one
 
 Exit codes (scripts can rely on them)::
 
@@ -118,7 +118,11 @@ def run_handler(handler: Handler, args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
-    except Exception:
+    except (SystemExit, GeneratorExit):
+        raise
+    # A BaseException that is not Python's own (torch's CheckpointException is one) would
+    # otherwise end the process with status 1, which means "a damaged checkpoint".
+    except BaseException:
         traceback.print_exc()
         report_error("unexpected internal error (a bug in statevault); please report it")
         return ExitCode.INTERNAL

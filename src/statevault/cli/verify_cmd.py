@@ -1,7 +1,8 @@
 """``statevault verify PATH``: check every byte of a checkpoint against its manifest.
 
 Exit 0 and one ``OK`` line when the checkpoint is sound; exit 1 and one line per problem (each
-naming the damaged leaf's key path or the file) when it is not. ``--json`` prints::
+naming the damaged leaf's key path or the file) when it is not. A progress bar (bytes
+checksummed) is drawn on stderr when it is a terminal, never with ``--json``, which prints::
 
     {"path": ..., "ok": bool, "files": int, "tensors": int, "bytes_checked": int,
      "problems": ["tensor model/weight in data-r00000-00000.safetensors: checksum mismatch"]}
@@ -19,6 +20,7 @@ from rich.console import Console
 from statevault.checkpoint import VerifyReport, open_checkpoint, verify
 from statevault.cli import render
 from statevault.cli.common import (
+    ByteBar,
     ExitCode,
     add_command,
     add_json_flag,
@@ -58,7 +60,8 @@ def register(subparsers: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     options = storage_options(args)
     raise_if_unreadable(args.path, options)
-    report = verify(args.path, only=args.only, storage_options=options)
+    with ByteBar("Verifying", enabled=not args.json) as bar:
+        report = verify(args.path, only=args.only, storage_options=options, progress=bar)
     if args.json:
         render.emit_json(report_document(report))
     else:

@@ -5,7 +5,10 @@
                             file, named by key path; sharded tensors consolidated; streamed
 :func:`export_hf`           the same as HF-style shards + ``model.safetensors.index.json``
 :func:`import_checkpoint`   a TensorFlow checkpoint, safetensors file, ``torch.save`` file or
-                            DCP directory -> a statevault checkpoint
+                            DCP directory (only with ``from_="dcp"``: its metadata is a
+                            pickle) -> a statevault checkpoint
+:class:`ByteProgress`       what the three take as ``progress=``: told the total bytes, then
+                            each batch as it is done (for a progress bar)
 =========================  ==================================================================
 
 Example::
@@ -20,9 +23,11 @@ Neither torch nor tensorflow is imported by this package until an import needs i
 
 from statevault.interop.export import ExportReport, export_hf, export_safetensors
 from statevault.interop.importing import SOURCES, ImportReport, detect, import_checkpoint
+from statevault.interop.progress import ByteProgress
 
 __all__ = [
     "SOURCES",
+    "ByteProgress",
     "ExportReport",
     "ImportReport",
     "detect",

@@ -23,12 +23,18 @@ _MAX_DEPTH = 200
 
 @dataclass(frozen=True)
 class Leaf:
-    """One array to export: its name (key path relative to the exported subtree), the tag of
-    its node (``tensor`` or ``sharded``) and the row id it refers to."""
+    """One array to export: the parts of its key path relative to the exported subtree (each
+    a dict key's display text or a list index), the tag of its node (``tensor`` or
+    ``sharded``) and the row id it refers to."""
 
-    name: str
+    parts: tuple[str, ...]
     kind: str
     id: int
+
+    @property
+    def name(self) -> str:
+        """The key path as statevault shows it: ``model/0.weight``."""
+        return "/".join(self.parts)
 
 
 @dataclass
@@ -40,11 +46,11 @@ class Leaves:
 def collect(node: Any, where: str = "checkpoint") -> Leaves:
     """The array leaves of ``node`` in tree order, and counts of what was skipped."""
     found = Leaves()
-    _walk(node, "", found, 0, where)
+    _walk(node, (), found, 0, where)
     return found
 
 
-def _walk(node: Any, path: str, found: Leaves, depth: int, where: str) -> None:
+def _walk(node: Any, path: tuple[str, ...], found: Leaves, depth: int, where: str) -> None:
     if depth > _MAX_DEPTH:
         raise CorruptCheckpointError(f"{where}: tree nested deeper than {_MAX_DEPTH} levels")
     if _holds_no_array(node):  # a plain value, or a container of plain values: one skipped
@@ -52,7 +58,7 @@ def _walk(node: Any, path: str, found: Leaves, depth: int, where: str) -> None:
         return
     if type(node) is list:
         for index, item in enumerate(node):
-            _walk(item, tree_codec.join_path(path, index), found, depth + 1, where)
+            _walk(item, (*path, _part(index)), found, depth + 1, where)
         return
     if type(node) is not dict:
         found.skipped["value"] += 1  # None, bool, int, float, str
@@ -62,16 +68,20 @@ def _walk(node: Any, path: str, found: Leaves, depth: int, where: str) -> None:
         found.arrays.append(Leaf(path, tag, node["id"]))
     elif tag == "tuple" and type(node.get("items")) is list:
         for index, item in enumerate(node["items"]):
-            _walk(item, tree_codec.join_path(path, index), found, depth + 1, where)
+            _walk(item, (*path, _part(index)), found, depth + 1, where)
     elif tag in ("dict", "odict"):
         for key, value in _dict_items(node, where):
-            _walk(value, tree_codec.join_path(path, key), found, depth + 1, where)
+            _walk(value, (*path, _part(key)), found, depth + 1, where)
     elif tag == "stateful":
         _walk(node.get("state"), path, found, depth + 1, where)
     elif tag == "per_rank":
         found.skipped["per_rank"] += 1
     else:  # float, complex, bytes, npscalar
         found.skipped["value"] += 1
+
+
+def _part(key: object) -> str:
+    return tree_codec.join_path("", key)
 
 
 def _tag(node: Any) -> Any:

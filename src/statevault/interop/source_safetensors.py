@@ -14,6 +14,7 @@ from typing import Any
 
 from statevault.errors import CheckpointError
 from statevault.format import dtypes
+from statevault.interop.progress import ByteProgress, Capped
 
 _MAX_HEADER = 100 << 20  # what the safetensors library itself accepts
 
@@ -45,8 +46,9 @@ def looks_like_safetensors(path: str) -> bool:
     return len(prefix) == 9 and prefix[8:9] == b"{"
 
 
-def read(path: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """``({name: array}, __metadata__)`` of the safetensors file ``path``, in file order."""
+def read(path: str, progress: ByteProgress) -> tuple[dict[str, Any], dict[str, str]]:
+    """``({name: array}, __metadata__)`` of the safetensors file ``path``, in file order;
+    ``progress`` is told the bytes of the arrays, then each array's as it is read."""
     header = read_header(path)
     metadata = header.pop("__metadata__", None) or {}
     numpy_codes = {row.safetensors for row in dtypes.DTYPES.values() if row.numpy is not None}
@@ -63,10 +65,23 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, str]]:
             ) from None
     from safetensors import SafetensorError, safe_open
 
+    spans = {name: _span(info) for name, info in header.items()}
+    order = sorted(spans, key=lambda name: spans[name][0])
+    counter = Capped(progress, sum(stop - start for start, stop in spans.values()))
+    arrays: dict[str, Any] = {}
     try:
         with safe_open(path, framework=framework) as handle:
-            arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as exc:
+            for name in order:
+                arrays[name] = handle.get_tensor(name)
+                counter.advance(spans[name][1] - spans[name][0])
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
-    order = sorted(arrays, key=lambda n: header[n]["data_offsets"][0] if n in header else 0)
-    return {name: arrays[name] for name in order}, {str(k): str(v) for k, v in metadata.items()}
+    return arrays, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _span(info: Any) -> tuple[int, int]:
+    """``data_offsets`` of a header entry; (0, 0) when malformed (safe_open then refuses it)."""
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets):
+        return max(0, offsets[0]), max(offsets)
+    return 0, 0

@@ -9,6 +9,7 @@ are numpy arrays, or ``tf.Tensor``s for dtypes numpy lacks (bfloat16).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from statevault.errors import CheckpointError
 from statevault.format import dtypes
+from statevault.interop.progress import ByteProgress, Capped
 
 OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
@@ -36,8 +38,9 @@ def resolve_prefix(path: str) -> str | None:
     return None
 
 
-def read(path: str) -> tuple[dict[str, Any], list[str]]:
-    """``({variable name: array}, skipped names)`` of the TensorFlow checkpoint at ``path``."""
+def read(path: str, progress: ByteProgress) -> tuple[dict[str, Any], list[str]]:
+    """``({variable name: array}, skipped names)`` of the TensorFlow checkpoint at ``path``;
+    ``progress`` is told the bytes of the variables, then each one's as it is read."""
     prefix = resolve_prefix(path)
     if prefix is None:
         raise CheckpointError(
@@ -54,21 +57,27 @@ def read(path: str) -> tuple[dict[str, Any], list[str]]:
     try:
         reader = tf.train.load_checkpoint(prefix)
         kinds = reader.get_variable_to_dtype_map()
+        shapes = reader.get_variable_to_shape_map()
     except (tf.errors.OpError, ValueError) as exc:
         raise CheckpointError(f"cannot read the TensorFlow checkpoint {prefix}: {exc}") from None
+    skipped = sorted(name for name in kinds if name == OBJECT_GRAPH or kinds[name] == tf.string)
+    wanted = sorted(set(kinds) - set(skipped))
+    sizes = {name: math.prod(shapes.get(name) or ()) * kinds[name].size for name in wanted}
+    counter = Capped(progress, sum(sizes.values()))
     arrays: dict[str, Any] = {}
-    skipped: list[str] = []
-    for name in sorted(kinds):
-        if name == OBJECT_GRAPH or kinds[name] == tf.string:
-            skipped.append(name)
-            continue
-        try:
-            value = reader.get_tensor(name)
-        except (tf.errors.OpError, ValueError) as exc:
-            raise CheckpointError(f"{prefix}: cannot read variable {name}: {exc}") from None
-        if isinstance(value, np.generic):  # a 0-d variable: keep it an array, not a scalar
-            value = np.asarray(value)
-        if dtypes.from_numpy_name(str(value.dtype)) is None:  # bfloat16 and friends: keep TF's
-            value = tf.constant(value, dtype=kinds[name])
-        arrays[name] = value
+    for name in wanted:
+        arrays[name] = _variable(tf, reader, prefix, name, kinds[name])
+        counter.advance(sizes[name])
     return arrays, skipped
+
+
+def _variable(tf: Any, reader: Any, prefix: str, name: str, kind: Any) -> Any:
+    try:
+        value = reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError) as exc:
+        raise CheckpointError(f"{prefix}: cannot read variable {name}: {exc}") from None
+    if isinstance(value, np.generic):  # a 0-d variable: keep it an array, not a scalar
+        value = np.asarray(value)
+    if dtypes.from_numpy_name(str(value.dtype)) is None:  # bfloat16 and friends: keep TF's
+        value = tf.constant(value, dtype=kind)
+    return value

@@ -19,8 +19,9 @@ import itertools
 import math
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from statevault.distributed.geometry import Box
 from statevault.distributed.reshard import Logical, read_box
@@ -28,6 +29,7 @@ from statevault.engine.regions import RegionReader
 from statevault.format import dtypes
 from statevault.format.safetensors_io import HeaderEntry, encode_header
 from statevault.interop import casting
+from statevault.interop.progress import ByteProgress
 
 DEFAULT_BUFFER_BYTES = 16 << 20  # a multiple of the checksum block (BLOCK_BYTES): exact reads
 
@@ -62,16 +64,19 @@ def write_file(
     regions: RegionReader,
     metadata: dict[str, str],
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    progress: ByteProgress | None = None,
 ) -> int:
     """Write ``items`` as the safetensors file ``target`` (temp name, fsync, rename); returns
-    its size. ``target``'s directory must exist."""
+    its size. ``target``'s directory must exist. ``progress.advance`` is called with the bytes
+    of each slab written (the caller has called ``start``)."""
     temporary = f"{target}.tmp-{uuid.uuid4().hex[:12]}"
+    advance = progress.advance if progress is not None else _ignore
     try:
         with open(temporary, "xb") as out:
             out.write(header_bytes(items, metadata))
             buffer = bytearray(buffer_bytes)
             for item in items:
-                _write_item(out, item, regions, buffer)
+                _write_item(out, item, regions, buffer, advance)
             out.flush()
             os.fsync(out.fileno())
             size = out.tell()
@@ -83,14 +88,27 @@ def write_file(
     return size
 
 
-def _write_item(out: object, item: Item, regions: RegionReader, buffer: bytearray) -> None:
+def _write_item(
+    out: BinaryIO,
+    item: Item,
+    regions: RegionReader,
+    buffer: bytearray,
+    advance: Callable[[int], None],
+) -> None:
     logical = item.logical
     source = logical.entry.dtype
     for box in slabs(logical.shape, logical.itemsize, len(buffer)):
         size = box.numel * logical.itemsize
         view = memoryview(buffer)[:size] if size <= len(buffer) else memoryview(bytearray(size))
         read_box(regions, logical, box, view)
-        out.write(casting.convert(view, source, item.dtype))  # type: ignore[attr-defined]
+        data = casting.convert(view, source, item.dtype)
+        out.write(data)
+        if data.nbytes:
+            advance(data.nbytes)
+
+
+def _ignore(amount: int) -> None:
+    pass
 
 
 def slabs(shape: tuple[int, ...], itemsize: int, limit: int) -> Iterator[Box]:
