@@ -12,7 +12,10 @@ arena and returns; a background thread writes, checksums and commits. Rules:
 - the staging budget bounds host memory: a state larger than the budget is staged in pieces of
   whole files, and every piece but the last is written before ``save`` returns, so training
   waits for (state - budget) bytes of writing: the documented cost of a small budget;
-- interpreter exit waits for an in-flight save (the worker thread is joined at shutdown).
+- the background phase runs on a daemon thread (engine/background.py); interpreter exit waits
+  for it through the manager's exit hook (manager/closing.py), which may also abandon it
+  (:meth:`Saver.abandon`): the writer stops at its next chunk and the save cleans up after
+  itself, as a failed save does.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from statevault.adapters import adapter_for
 from statevault.commit import LocalCommit, ObjectCommit, committer_for
 from statevault.engine.arena import StagingArena
+from statevault.engine.background import BackgroundWorker
+from statevault.engine.cancel import Cancel, shielded
 from statevault.engine.layout import assign_files
 from statevault.engine.plan import SavePlan, plan_save
 from statevault.engine.staging import by_adapter, stage, stage_into
@@ -67,6 +72,12 @@ class _Job:
     file_rows: list[FileEntry] = field(default_factory=list)
     tensor_rows: dict[int, TensorEntry] = field(default_factory=dict)
     rank: int = 0  # the process writing these shards (their names carry it)
+    cancel: Cancel = field(default_factory=Cancel)
+
+    def abandon_written(self) -> None:
+        """Remove what this save wrote (its temporary, or its tagged objects), to the end even
+        through a Ctrl-C."""
+        shielded(lambda: self.committer.abandon(self.written))
 
     def write(self, file_indices: Sequence[int], staged: Mapping[int, memoryview]) -> None:
         """Write the shard files ``file_indices`` from staged leaf bytes."""
@@ -94,6 +105,7 @@ class _Job:
             self.written.path,
             batch,
             {"format": shard_format, "writer": "statevault"},
+            self.cancel,
         )
         self.file_rows += rows
         for i, written in zip(file_indices, tensors, strict=True):
@@ -118,6 +130,7 @@ class _Job:
                 f"{manifest_module.MAX_MANIFEST_BYTES / 2**20:.0f} MiB readers accept (too many "
                 "tensors times ranks); save fewer, larger tensors or from fewer ranks"
             )
+        self.cancel.check()  # the last moment a save can be abandoned: the manifest commits it
         self.committer.before_manifest(self.target, self.overwrite)
         manifest_path = self.written.join(MANIFEST_NAME).path
         with self.written.storage.open_write(manifest_path) as handle:
@@ -154,8 +167,9 @@ class Saver:
         self.asynchronous = asynchronous
         self.budget = staging_budget_bytes or default_staging_budget()
         self.arena = StagingArena(self.budget)
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: BackgroundWorker | None = None
         self._in_flight: SaveFuture | None = None
+        self._in_flight_job: _Job | None = None
         self._delegate: Saver | None = None  # for sharded states (DTensors) in one process
 
     def prepare(self, state: Any, reserve_optimizer_moments: bool = False) -> None:
@@ -212,10 +226,11 @@ class Saver:
         try:
             last_piece, staged = self._stage(job)
         except BaseException:
-            committer.abandon(job.written)
+            job.abandon_written()
             raise
         timings["blocked_s"] = time.perf_counter() - started
         future: Future[Manifest]
+        self._in_flight_job = job
         if self.asynchronous:
             future = self._executor().submit(self._persist, job, last_piece, staged, started)
         else:
@@ -253,7 +268,7 @@ class Saver:
             job.timings["write_s"] = time.perf_counter() - write_started
             manifest = job.finish(started)
         except BaseException as exc:
-            job.committer.abandon(job.written)
+            job.abandon_written()
             logger.error("statevault: save of %s failed: %r", job.target.url, exc)
             raise
         job.timings["durable_s"] = time.perf_counter() - started
@@ -278,14 +293,41 @@ class Saver:
             )
         return self._delegate
 
+    def idle(self) -> bool:
+        """True when no save is in flight here (the background phase has ended)."""
+        delegate_idle = self._delegate is None or self._delegate.idle()
+        return delegate_idle and (self._in_flight is None or self._in_flight.done())
+
+    def abandon(self, reason: str) -> None:
+        """Make the save in flight stop before its commit (see the module docstring); its
+        failure, SaveAbandoned, is raised by the next ``wait``."""
+        if self._delegate is not None:
+            self._delegate.abandon(reason)
+        if self._in_flight_job is not None:
+            self._in_flight_job.cancel.set(reason)
+
+    def settle_alone(self) -> Manifest | None:
+        """:meth:`wait` without any collective (at exit); for one process, the same thing."""
+        return self.wait()
+
     def wait(self) -> Manifest | None:
         """Block until the save in flight is durable; raise its error if it failed."""
         if self._delegate is not None:
             delegated = self._delegate.wait()
             if delegated is not None:
                 return delegated
-        future, self._in_flight = self._in_flight, None
-        return future.result() if future is not None else None
+        future = self._in_flight
+        if future is None:
+            return None
+        try:
+            manifest = future.result()
+        except KeyboardInterrupt:
+            raise  # still in flight: the next wait (or the exit hook) waits for it again
+        except BaseException:
+            self._in_flight, self._in_flight_job = None, None
+            raise
+        self._in_flight, self._in_flight_job = None, None
+        return manifest
 
     def close(self) -> None:
         try:
@@ -294,13 +336,13 @@ class Saver:
             if self._delegate is not None:
                 self._delegate.close()
             if self._pool is not None:
-                self._pool.shutdown(wait=True)
+                self._pool.shutdown()
                 self._pool = None
             self.arena.release()
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> BackgroundWorker:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="statevault-persist")
+            self._pool = BackgroundWorker("statevault-persist")
         return self._pool
 
 

@@ -10,12 +10,12 @@ Only numpy is used here: arrays are handled as opaque items of the dtype's size.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from statevault.distributed.geometry import Box, flat_span, overlaps
+from statevault.engine.parallel import map_threads
 from statevault.engine.regions import RegionReader
 from statevault.format import dtypes
 from statevault.format.manifest import Manifest, TensorEntry
@@ -92,15 +92,14 @@ def read_box(regions: RegionReader, logical: Logical, box: Box, out: memoryview)
         for index, common in jobs:
             _copy_overlap(regions, logical.chunks[index], common, box, target, out, itemsize)
         return
-    with ThreadPoolExecutor(min(_READ_THREADS, len(jobs))) as pool:
-        futures = [
-            pool.submit(
-                _copy_overlap, regions, logical.chunks[i], common, box, target, out, itemsize
-            )
-            for i, common in jobs
-        ]
-        for future in futures:
-            future.result()
+    map_threads(
+        lambda job: _copy_overlap(
+            regions, logical.chunks[job[0]], job[1], box, target, out, itemsize
+        ),
+        jobs,
+        min(_READ_THREADS, len(jobs)),
+        "statevault-reshard",
+    )
 
 
 def spans_of_box(logical: Logical, box: Box) -> list[tuple[TensorEntry, int, int]]:

@@ -14,6 +14,7 @@ is settled, within ``timeout_s``. One save in flight, as for :class:`~statevault
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -124,6 +125,7 @@ class DistributedSaver(Saver):
             {"prepare_s": time.perf_counter() - started},
             rank=group.rank,
         )
+        self._in_flight_job = job
         future: Future[Manifest | None] = Future()
         try:
             last_piece, staged = self._stage(job)
@@ -247,7 +249,7 @@ class DistributedSaver(Saver):
             manifest = job.commit(manifest)
         except BaseException as exc:
             if self.group.size == 1:
-                job.committer.abandon(job.written)
+                job.abandon_written()
             # else: other ranks may still be writing; the temporary goes at settle
             logger.error("statevault: save of %s failed: %r", job.target.url, exc)
             raise
@@ -258,7 +260,7 @@ class DistributedSaver(Saver):
         """Tell rank 0 at once (so it does not wait out the timeout); rank 0 cleans up."""
         if job.rank == 0:
             if self.group.size == 1:
-                job.committer.abandon(job.written)
+                job.abandon_written()
             return  # other ranks may still be writing: the temporary goes at settle
         try:
             _write_part(job, Part(job.rank, error=f"{type(exc).__name__}: {exc}"))
@@ -267,20 +269,51 @@ class DistributedSaver(Saver):
                 "statevault: rank %d could not report its failure: %r", job.rank, report_error
             )
 
+    def idle(self) -> bool:
+        """True when this rank's share of the save in flight is written (or failed); settling
+        it with the other ranks is still to come (``wait``)."""
+        return self._pending is None or self._pending.future.done()
+
     def wait(self) -> Manifest | None:
         """Settle the save in flight: wait for this rank's share, then learn every rank's
         outcome (a collective call: every rank calls it at the same point)."""
         return self._settle()
 
+    def settle_alone(self) -> Manifest | None:
+        """This rank's share of the save in flight, without the collective that tells every
+        rank the outcome: at interpreter exit the ranks may be out of step. Rank 0 commits on
+        its own once every rank reported its share (or fails after ``timeout_s``)."""
+        pending = self._take_pending()
+        if pending is None:
+            return None
+        try:
+            return pending.future.result()
+        finally:
+            self._clean_up(pending)
+
     def _settle(self) -> Manifest | None:
-        pending, self._pending = self._pending, None
+        pending = self._take_pending()
         if pending is None:
             return None
         try:
             return self._settle_outcomes(pending)
         finally:
-            if pending.job is not None and self.group.size > 1 and not _committed(pending):
-                _abandon_when_quiet(pending.job)
+            self._clean_up(pending)
+
+    def _take_pending(self) -> _Pending | None:
+        """The save in flight, once this rank's share of it has ended; a Ctrl-C meanwhile
+        leaves it in flight (the exit hook waits for it again)."""
+        pending = self._pending
+        if pending is None:
+            return None
+        with contextlib.suppress(Exception):  # its failure is settled by the caller
+            pending.future.exception()
+        self._pending, self._in_flight_job = None, None
+        return pending
+
+    def _clean_up(self, pending: _Pending) -> None:
+        if pending.job is not None and self.group.size > 1 and not _committed(pending):
+            _abandon_when_quiet(pending.job)
 
     def _settle_outcomes(self, pending: _Pending) -> Manifest | None:
         manifest: Manifest | None = None
@@ -435,10 +468,12 @@ def _committed(pending: _Pending) -> bool:
 
 def _abandon_when_quiet(job: _Job) -> None:
     """Remove an uncommitted save's temporary. Every live rank has finished writing by the time
-    it settles, but a rank that settles early (a dead peer) may race with a late writer: retry."""
+    it settles, but a rank that settles early (a dead peer, an exit) may race with a late
+    writer: retry, and on an object store keep the marker, so that what a late writer adds
+    stays statevault's to sweep."""
     for attempt in range(5):
         try:
-            job.committer.abandon(job.written)
+            job.committer.abandon(job.written, keep_marker=True)
             return
         except OSError as exc:
             if attempt == 4:

@@ -1,8 +1,8 @@
 """Run a few blocking calls in parallel threads and collect their results in order.
 
 Plain threads, not a ``ThreadPoolExecutor``: a save finishing in the background while the
-interpreter shuts down must still be able to start its writer threads, and executors refuse new
-work once shutdown has begun.
+interpreter shuts down (and the reads and verifications of the exit hook, manager/closing.py)
+must still be able to start threads, and executors refuse new work once shutdown has begun.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
+
+from statevault.engine.cancel import Cancel
 
 T = TypeVar("T")
 B = TypeVar("B")
@@ -27,8 +29,12 @@ def cpu_threads() -> int:
     return max(1, min(MAX_THREADS, count))
 
 
-def run_parallel(calls: Sequence[Callable[[], T]], name: str) -> list[T]:
-    """Call each function in its own thread; re-raise the first failure after all finished."""
+def run_parallel(
+    calls: Sequence[Callable[[], T]], name: str, cancel: Cancel | None = None
+) -> list[T]:
+    """Call each function in its own thread; re-raise the first failure after all finished.
+    An interrupt (Ctrl-C) while waiting sets ``cancel`` and is raised once every thread has
+    stopped (see :func:`join_all`)."""
     if len(calls) == 1:
         return [calls[0]()]
     results: list[T | None] = [None] * len(calls)
@@ -45,12 +51,29 @@ def run_parallel(calls: Sequence[Callable[[], T]], name: str) -> list[T]:
     ]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    interrupt = join_all(threads, cancel)
+    if interrupt is not None:
+        raise interrupt
     for error in errors:
         if error is not None:
             raise error
     return [result for result in results if result is not None]
+
+
+def join_all(threads: Sequence[threading.Thread], cancel: Cancel | None) -> BaseException | None:
+    """Join every thread; return the interrupt that arrived meanwhile, if any. The interrupt
+    sets ``cancel`` so that writers stop at their next chunk: the caller's cleanup then never
+    races with a thread still writing into the directory it removes."""
+    interrupt: BaseException | None = None
+    for thread in threads:
+        while thread.is_alive():
+            try:
+                thread.join()
+            except BaseException as exc:  # KeyboardInterrupt, or another signal's exception
+                interrupt = interrupt or exc
+                if cancel is not None:
+                    cancel.set("interrupted")
+    return interrupt
 
 
 PARALLEL_MIN_BYTES = 64 << 20  # below this, one thread copies as fast as several
@@ -87,6 +110,20 @@ def run_batches(batches: Sequence[B], run: Callable[[B], object], threads: int, 
             run(batch)
 
     run_parallel([work] * min(threads, len(batches)), name)
+
+
+def map_threads(function: Callable[[B], T], items: Sequence[B], threads: int, name: str) -> list[T]:
+    """``[function(item) for item in items]`` on up to ``threads`` threads pulling items from a
+    shared queue; results in order; the first failure is raised once all threads stopped.
+    (Plain threads: a ``ThreadPoolExecutor`` refuses work once interpreter shutdown began, and
+    statevault reads and verifies in its exit hook.)"""
+    results: list[T | None] = [None] * len(items)
+
+    def run(index: int) -> None:
+        results[index] = function(items[index])
+
+    run_batches([[i] for i in range(len(items))], lambda batch: run(batch[0]), threads, name)
+    return results  # type: ignore[return-value]  # every slot was filled, or we raised
 
 
 def run_sized(calls: Sequence[tuple[int, Callable[[], object]]], name: str) -> None:

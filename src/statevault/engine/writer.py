@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from statevault.engine import direct_io
+from statevault.engine.cancel import Cancel
 from statevault.engine.parallel import run_parallel
 from statevault.format import dtypes
 from statevault.format.checksum import crc32c_of, format_checksum
@@ -45,17 +46,20 @@ def write_files(
     directory: str,
     files: Sequence[tuple[str, Sequence[PendingTensor]]],
     shard_metadata: dict[str, str],
+    cancel: Cancel | None = None,
 ) -> tuple[list[FileEntry], list[list[TensorEntry]]]:
-    """Write every (file name, tensors) in parallel; return the file rows and tensor rows."""
+    """Write every (file name, tensors) in parallel; return the file rows and tensor rows.
+    Once ``cancel`` is set, each writer stops before its next chunk (SaveAbandoned)."""
     if not files:
         return [], []
+    cancel = cancel or Cancel()
     calls = [
         functools.partial(
-            _call_write_file, storage, f"{directory}/{name}", name, tensors, shard_metadata
+            _call_write_file, storage, f"{directory}/{name}", name, tensors, shard_metadata, cancel
         )
         for name, tensors in files
     ]
-    results = run_parallel(calls, "statevault-write")
+    results = run_parallel(calls, "statevault-write", cancel)
     return [r[0] for r in results], [r[1] for r in results]
 
 
@@ -65,9 +69,10 @@ def _call_write_file(
     name: str,
     tensors: Sequence[PendingTensor],
     shard_metadata: dict[str, str],
+    cancel: Cancel,
 ) -> tuple[FileEntry, list[TensorEntry]]:
     # Looked up at call time so that tests can inject faults by patching ``write_file``.
-    return write_file(storage, path, name, tensors, shard_metadata)
+    return write_file(storage, path, name, tensors, shard_metadata, cancel)
 
 
 def write_file(
@@ -76,13 +81,17 @@ def write_file(
     name: str,
     tensors: Sequence[PendingTensor],
     shard_metadata: dict[str, str],
+    cancel: Cancel | None = None,
 ) -> tuple[FileEntry, list[TensorEntry]]:
     header = encode_header(_header_entries(tensors), shard_metadata)
     size = len(header) + sum(len(t.data) for t in tensors)
+    cancel = cancel or Cancel()
+    cancel.check()
     with storage.open_write(path) as handle:
         direct = direct_io.open_sink(handle, size)  # None: buffered writes (see direct_io)
         with direct if direct is not None else contextlib.nullcontext():
-            rows = _write_payload(direct or handle, header, name, tensors, direct is None)
+            out = direct or handle
+            rows = _write_payload(out, header, name, tensors, direct is None, cancel)
     return FileEntry(name, size, len(header), format_checksum(crc32c_of(header))), rows
 
 
@@ -92,12 +101,13 @@ def _write_payload(
     name: str,
     tensors: Sequence[PendingTensor],
     coalesce: bool,
+    cancel: Cancel,
 ) -> list[TensorEntry]:
     """Write the header, then every tensor (checksummed as it goes); return the tensor rows."""
     rows: list[TensorEntry] = []
     offset = len(header)
     out.write(memoryview(header))
-    sink = _CoalescingSink(out, COALESCE_BYTES if coalesce else 0)
+    sink = _CoalescingSink(out, COALESCE_BYTES if coalesce else 0, cancel)
     for tensor in tensors:
         checksum, blocks = sink.write_checksummed(tensor.data)
         rows.append(
@@ -142,9 +152,12 @@ class _CoalescingSink:
     """Small tensors are gathered into one buffer up to ``coalesce`` bytes (0: never, for a
     direct sink, which buffers everything itself)."""
 
-    def __init__(self, handle: WriteHandle | direct_io.DirectSink, coalesce: int) -> None:
+    def __init__(
+        self, handle: WriteHandle | direct_io.DirectSink, coalesce: int, cancel: Cancel
+    ) -> None:
         self.handle = handle
         self.coalesce = coalesce
+        self.cancel = cancel
         self.buffer = bytearray()
 
     def write_checksummed(self, data: memoryview) -> tuple[int, list[int]]:
@@ -161,11 +174,13 @@ class _CoalescingSink:
         for start in range(0, len(data), CHUNK_BYTES):
             end = min(start + CHUNK_BYTES, len(data))
             checksum, boundaries = _running_crcs(data, start, end, checksum, boundaries)
+            self.cancel.check()
             self.handle.write(data[start:end])
         return checksum, boundaries
 
     def flush(self) -> None:
         if self.buffer:
+            self.cancel.check()
             self.handle.write(memoryview(self.buffer))
             self.buffer = bytearray()
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from statevault.distributed.saver import DistributedSaver, new_saver
 from statevault.errors import CheckpointError
-from statevault.manager import options
+from statevault.manager import closing, options
 from statevault.manager.index import (
     CheckpointRecord,
     RunScan,
@@ -117,6 +117,7 @@ class CheckpointManager(RunQueries, RunRestore):
         name = options.text_or_none("name", name)
         self._dir = RunDir(directory, storage_options, stale_after_seconds)
         self.directory = self._dir.url
+        closing.close_dropped(self.directory)  # a manager of this run let go of, not closed
         self._replica: RunDir | None = None
         if replicate_to is not None:
             if not self._dir.local:
@@ -162,6 +163,7 @@ class CheckpointManager(RunQueries, RunRestore):
         self._preemption_saved = False
         if save_on_preemption:
             self._preemption.install()
+        closing.track(self)
 
     # ---- run bookkeeping -------------------------------------------------------------------
 
@@ -235,7 +237,11 @@ class CheckpointManager(RunQueries, RunRestore):
         """
         self._check_open()
         step = options.as_step(step)
-        if not force and not self.should_save(step):
+        # One agreement, used for both decisions: a signal landing after it on one rank must
+        # not make that rank alone block in a preemption save (the collectives would pair up
+        # wrongly); it is honoured at the next step.
+        due, preempting = self._agree(step)
+        if not force and not due:
             return False
         self._collect(block=True)  # one save in flight; raises a previous background failure
         if self._replicator is not None:
@@ -254,7 +260,7 @@ class CheckpointManager(RunQueries, RunRestore):
         )
         self._pending = (step, future)
         self._last_save_time = time.monotonic()
-        if self._preemption.requested:
+        if preempting:
             self._collect(block=True)  # a preemption save is durable before save() returns
             if self._replicator is not None:
                 self._replicator.wait()  # ... on the replica too: the node may not come back
@@ -273,8 +279,14 @@ class CheckpointManager(RunQueries, RunRestore):
         if not block and self._role.distributed and self._saver.asynchronous:
             return  # settling is collective: only where every rank blocks (save, wait, close)
         step, _ = self._pending
+        try:
+            self._saver.wait()  # the saver's one in-flight save is this one; raises its failure
+        except KeyboardInterrupt:
+            raise  # still pending: waited for again by close() or the exit hook
+        except BaseException:
+            self._pending = None
+            raise
         self._pending = None
-        self._saver.wait()  # the saver's one in-flight save is this one; raises its failure
         if not self._role.leader:  # committed (the save settled); details are the leader's
             self._scan.records[step] = CheckpointRecord(step, self.path(step), "committed")
             return  # retention and replication are the leader's
@@ -287,10 +299,12 @@ class CheckpointManager(RunQueries, RunRestore):
         self._apply_retention()
 
     def _make_room(self, step: int, force: bool) -> bool:
-        """A corrupt or incomplete directory in the way is moved aside (never deleted) on a
-        local disk; on an object store the save replaces it. Returns the overwrite flag."""
+        """A corrupt or incomplete directory of statevault's in the way is moved aside (never
+        deleted) on a local disk; on an object store the save replaces it. Another tool's
+        directory is left as it is: the save refuses to write over it. Returns the overwrite
+        flag."""
         record = self._scan.records.get(step)
-        if record is None or record.status == "committed":
+        if record is None or record.status not in ("corrupt", "incomplete"):
             return force
         if self._dir.move_aside(record.path) is None:
             del self._scan.records[step]
@@ -301,13 +315,16 @@ class CheckpointManager(RunQueries, RunRestore):
     def should_save(self, step: int) -> bool:
         """Whether ``step`` is due: an interval is reached, or a preemption signal arrived. In a
         distributed job every rank gets the same answer (role.py): one small collective."""
-        step = options.as_step(step)
+        return self._agree(options.as_step(step))[0]
+
+    def _agree(self, step: int) -> tuple[bool, bool]:
+        """(due, a preemption save) for ``step``, the same on every rank."""
         wanted = super().should_save(step)
         pending_preemption = self._preemption.requested and not self._preemption_saved
         due, preempting = self._role.agree_to_save(wanted, pending_preemption)
         if preempting and not self._preemption.requested:
             self._preemption.request()  # another rank was signalled: save together, then stop
-        return due
+        return due, preempting
 
     def _apply_retention(self) -> None:
         if not self._role.leader:
@@ -350,22 +367,65 @@ class CheckpointManager(RunQueries, RunRestore):
 
     def close(self) -> None:
         """Wait for the save in flight and for replication, then release the run. Raises a
-        background failure."""
+        background failure. Interrupted by Ctrl-C, the manager stays open: the exit hook then
+        finishes or abandons what is in flight (closing.py)."""
         if getattr(self, "_closed", True):
             return
-        self._closed = True
         try:
-            self._collect(block=True)
-        finally:
             try:
-                if self._replicator is not None:
-                    self._replicator.close()
-                    self._apply_retention()
+                self._collect(block=True)
             finally:
-                self._saver.close()
-                self._preemption.uninstall()
-                if self._role.leader:
-                    self._release_locks()
+                if self._replicator is not None:
+                    self._replicator.wait()
+                    self._apply_retention()  # what was kept only while it was being copied
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            self._release()
+            raise
+        self._release()
+
+    def _close_at_exit(self) -> None:
+        """Close at interpreter exit, or when a ``with`` block is left by Ctrl-C: say so when
+        the save in flight takes a while, give the copies to the replica at most the exit
+        grace, and abandon what is in flight on (another) Ctrl-C (closing.py)."""
+        if self._closed:
+            return
+        if not self._saver.idle():
+            where = self.path(self._pending[0]) if self._pending else self.directory
+            closing.wait_announced(
+                self._saver.idle, f"the save to {where}", lambda: self._saver.abandon("Ctrl-C")
+            )
+        try:
+            if self._role.distributed:
+                # No collective at exit: the ranks may be out of step (one raised, one was
+                # interrupted elsewhere). Rank 0 commits on its own once every share is written.
+                self._pending = None
+                self._saver.settle_alone()
+            else:
+                self._collect(block=True)
+        finally:
+            replicator = self._replicator
+            if replicator is not None:
+                closing.wait_announced(
+                    replicator.idle,
+                    f"the copy to {replicator.replica.url}",
+                    lambda: replicator.abandon("exit"),
+                    closing.exit_grace_s(),
+                )
+            self.close()
+
+    def _release(self) -> None:
+        self._closed = True
+        closing.untrack(self)
+        try:
+            if self._replicator is not None:
+                self._replicator.close()
+        finally:
+            self._saver.close()
+            self._preemption.uninstall()
+            if self._role.leader:
+                self._release_locks()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -380,8 +440,13 @@ class CheckpointManager(RunQueries, RunRestore):
         value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close()
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self._close_at_exit()  # Ctrl-C: say what is awaited; another Ctrl-C abandons it
+        else:
+            self.close()
 
     def __del__(self) -> None:
+        # Never I/O in a finalizer (at interpreter teardown the storage clients are gone): the
+        # exit hook, or the next manager of this run, closes it (closing.py).
         if not getattr(self, "_closed", True):
-            self.close()
+            closing.adopt(self)
