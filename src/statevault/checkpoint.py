@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,7 +17,8 @@ from statevault import commit
 from statevault.adapters import adapter_named, known_frameworks
 from statevault.distributed.group import rank_and_world, rank_picker
 from statevault.distributed.saver import new_saver
-from statevault.engine.reader import CheckpointReader
+from statevault.engine.progress import ByteProgress
+from statevault.engine.reader import CheckpointReader, ReadOutcome
 from statevault.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -25,6 +26,7 @@ from statevault.errors import (
 )
 from statevault.format import dtypes
 from statevault.format import tree as tree_codec
+from statevault.format.checksum import crc32c_of
 from statevault.format.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, parse_manifest
 from statevault.format.names import MANIFEST_NAME
 from statevault.loading import read_tensors
@@ -34,6 +36,11 @@ from statevault.storage.location import Location, local_directory, resolve
 
 PathLike = str | os.PathLike[str]
 _WHOLE_TREE = object()
+# verify checks tensors in batches of about this many bytes: its memory stays bounded (each
+# batch's scratch buffers go before the next is read, where one read of everything held the
+# whole checkpoint) and a progress bar moves as it goes. Large enough that a batch keeps every
+# read thread busy.
+VERIFY_BATCH_BYTES = 1 << 30
 
 
 def save(
@@ -79,8 +86,18 @@ def save_checkpoint(
 
 @dataclass
 class OpenCheckpoint:
+    """A checkpoint whose manifest has been read and validated (no payload read yet).
+
+    On a local disk the checkpoint's directory is opened once (``dir_fd``) and every file is
+    read through that descriptor (``openat``): a concurrent ``save(overwrite=True)``, which
+    swaps the directory at the path, can never mix the old manifest with the new shards. Close
+    it (or use ``with``) when done; an unclosed one closes its descriptor when collected.
+    """
+
     location: Location
     manifest: Manifest
+    dir_fd: int | None = None
+    manifest_checksum: int = 0  # of the manifest's bytes, to tell whether it was replaced
 
     @property
     def directory(self) -> str:
@@ -89,7 +106,39 @@ class OpenCheckpoint:
 
     @property
     def reader(self) -> CheckpointReader:
-        return CheckpointReader(self.location, self.manifest)
+        return CheckpointReader(self.location, self.manifest, self.dir_fd)
+
+    def still_current(self) -> bool:
+        """Whether this is still the checkpoint at its path: False once it was replaced or
+        deleted while it was being read (its manifest is gone from the directory opened, or
+        the object store holds another manifest there now)."""
+        if self.dir_fd is not None:
+            try:
+                os.stat(MANIFEST_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            return True
+        if self.location.local:
+            return True
+        try:
+            data = _remote_manifest_bytes(self.location)
+        except CheckpointError:
+            return False
+        return crc32c_of(data) == self.manifest_checksum
+
+    def close(self) -> None:
+        fd, self.dir_fd = self.dir_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> OpenCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()  # closing a descriptor: no I/O to wait for
 
 
 def open_checkpoint(
@@ -102,22 +151,49 @@ def open_checkpoint(
         # even once its manifest is written, until it is renamed to its final name.
         raise CheckpointNotFoundError(f"{location.url} is an unfinished save, not a checkpoint")
     if not location.local:
-        return OpenCheckpoint(location, _parse_remote_manifest(location))
-    directory = location.path
-    manifest_path = os.path.join(directory, MANIFEST_NAME)
-    if commit.is_temporary(os.path.basename(directory)):
-        # A save in flight (or dead, or the old side of an overwrite): never a checkpoint,
-        # even once its manifest is written, until it is renamed to its final name.
-        raise CheckpointNotFoundError(f"{directory} is an unfinished save, not a checkpoint")
-    if not os.path.lexists(manifest_path):
-        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}")
-    if not stat.S_ISREG(os.lstat(manifest_path).st_mode):  # a symlink, directory, FIFO...
+        data = _remote_manifest_bytes(location)
+        manifest = parse_manifest(data, location.url)
+        return OpenCheckpoint(location, manifest, None, crc32c_of(data))
+    dir_fd = _open_directory(location.path)
+    try:
+        data = _local_manifest_bytes(dir_fd, location.path)
+        manifest = parse_manifest(data, location.path)
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return OpenCheckpoint(location, manifest, dir_fd, crc32c_of(data))
+
+
+def _open_directory(directory: str) -> int:
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}") from None
+    except OSError as exc:  # EACCES, ESTALE: there may well be a checkpoint; say so, never "none"
+        raise CheckpointError(
+            f"{directory}: cannot open the directory ({exc.strerror or exc}); check the "
+            "permissions and the mount"
+        ) from exc
+
+
+def _local_manifest_bytes(dir_fd: int, directory: str) -> bytes:
+    """manifest.json read through the directory's descriptor, as a plain file only."""
+    try:
+        mode = os.stat(MANIFEST_NAME, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}") from None
+    except OSError as exc:  # EACCES, ESTALE: there may well be a checkpoint; say so, never "none"
+        raise CheckpointError(
+            f"{directory}: cannot look for manifest.json ({exc.strerror or exc}); check the "
+            "permissions and the mount"
+        ) from exc
+    if not stat.S_ISREG(mode):  # a symlink, directory, FIFO...
         raise CorruptCheckpointError(
             f"{directory}: manifest.json is not a regular file (a symlink, directory or "
             "device); statevault reads only plain files inside the checkpoint"
         )
     try:
-        fd = open_read(manifest_path)
+        fd = open_read(MANIFEST_NAME, dir_fd=dir_fd)
     except OSError as exc:
         raise CorruptCheckpointError(f"{directory}: cannot open manifest.json ({exc})") from None
     try:
@@ -132,10 +208,10 @@ def open_checkpoint(
         raise CorruptCheckpointError(f"{directory}: cannot read manifest.json ({exc})") from None
     finally:
         os.close(fd)
-    return OpenCheckpoint(location, parse_manifest(bytes(data), directory))
+    return bytes(data)
 
 
-def _parse_remote_manifest(location: Location) -> Manifest:
+def _remote_manifest_bytes(location: Location) -> bytes:
     manifest = location.join(MANIFEST_NAME)
     try:
         size = location.storage.size(manifest.path)
@@ -144,18 +220,22 @@ def _parse_remote_manifest(location: Location) -> Manifest:
     if size > MAX_MANIFEST_BYTES:  # refuse before allocating
         raise CorruptCheckpointError(f"{location.url}: manifest.json is implausibly large")
     try:
-        data = location.storage.read_bytes(manifest.path, 0, size)
+        return location.storage.read_bytes(manifest.path, 0, size)
     except FileNotFoundError:  # deleted since it was sized: a retention or an overwrite
         raise CheckpointNotFoundError(f"no committed checkpoint at {location.url}") from None
     except EOFError as exc:
         raise CorruptCheckpointError(f"{location.url}: cannot read manifest.json ({exc})") from None
-    return parse_manifest(data, location.url)
+
+
+# A load or verify that finds its checkpoint replaced or deleted under it (an overwrite, a
+# retention) reads the one now at the path, at most this many times in all.
+READ_ATTEMPTS = 3
 
 
 def load(
     path: PathLike,
     *,
-    into: Mapping[str, Any] | None = None,
+    into: Any = None,
     device: str | None = None,
     strict: bool = True,
     verify: bool = True,
@@ -164,7 +244,9 @@ def load(
 ) -> Any:
     """Load the checkpoint at ``path``: the saved tree, tensors and plain values included.
 
-    ``into``: objects to restore in place (Stateful via load_state_dict, tensors copied into).
+    ``into``: objects to restore in place (Stateful via load_state_dict, tensors copied into),
+    or the one object the checkpoint's root was saved from: ``sv.load(p, into=model)`` after
+    ``sv.save(model, p)``.
     ``device``: where returned tensors go (default: CPU). ``verify``: check every checksum.
     ``only``: a key path (``"model"``, ``"optimizer/state"``): load just that subtree, reading
     only its tensors' bytes (``into`` then mirrors the subtree). Example::
@@ -173,7 +255,28 @@ def load(
         epoch = state["epoch"]
         weights = sv.load("ckpt/epoch10", only="model")
     """
-    checkpoint = open_checkpoint(path, storage_options)
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        with open_checkpoint(path, storage_options) as checkpoint:
+            try:
+                loaded = _read_tree(checkpoint, into, device, verify, only)
+                break
+            except CorruptCheckpointError:
+                if attempt == READ_ATTEMPTS or checkpoint.still_current():
+                    raise
+                # replaced or deleted while it was read: read the one now at the path
+    if into is None:
+        return LoadedState(loaded) if type(loaded) is dict else loaded
+    return restore_into(into, loaded, strict=strict)
+
+
+def _read_tree(
+    checkpoint: OpenCheckpoint,
+    into: Any,
+    device: str | None,
+    verify: bool,
+    only: str | None,
+) -> Any:
+    """The tree of ``checkpoint`` (or its subtree ``only``), every tensor read and verified."""
     pick_rank = rank_picker(checkpoint.directory)
     node = checkpoint.manifest.tree
     if only is not None:
@@ -190,10 +293,7 @@ def load(
         pick_rank,
         lambda ids: _read_arrays(checkpoint, verify, device, ids, all_files=only is None),
     )
-    loaded = _decode(checkpoint, tensors.plain, node, tensors.sharded, pick_rank)
-    if into is None:
-        return LoadedState(loaded) if type(loaded) is dict else loaded
-    return restore_into(into, loaded, strict=strict)
+    return _decode(checkpoint, tensors.plain, node, tensors.sharded, pick_rank)
 
 
 def _read_arrays(
@@ -306,9 +406,11 @@ def verify(
     *,
     only: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    progress: ByteProgress | None = None,
 ) -> VerifyReport:
     """Check every byte of a checkpoint against its manifest without loading it. ``only``: a
     key path; check just that subtree's tensors and their files, reading nothing else.
+    ``progress`` is told the bytes to checksum, then each batch's as it is checked.
 
     Example::
 
@@ -317,27 +419,76 @@ def verify(
             print("\\n".join(report.problems))
     """
     location = resolve(path, storage_options)
-    report = VerifyReport(location.url)
-    try:
-        checkpoint = open_checkpoint(location)
-    except CorruptCheckpointError as exc:
-        report.problems.extend(exc.problems)
-        return report
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        report = VerifyReport(location.url)
+        try:
+            checkpoint = open_checkpoint(location)
+        except CorruptCheckpointError as exc:
+            report.problems.extend(exc.problems)
+            return report
+        with checkpoint:
+            _verify_open(checkpoint, only, report, progress)
+            if report.ok or attempt == READ_ATTEMPTS or checkpoint.still_current():
+                return report
+            # replaced or deleted while it was read: check the one now at the path
+    raise AssertionError("unreachable")
+
+
+def _verify_open(
+    checkpoint: OpenCheckpoint,
+    only: str | None,
+    report: VerifyReport,
+    progress: ByteProgress | None,
+) -> VerifyReport:
     if only is not None:
-        return _verify_subtree(checkpoint, only, report)
+        return _verify_subtree(checkpoint, only, report, progress)
     manifest = checkpoint.manifest
     report.files, report.tensors = len(manifest.files), len(manifest.tensors)
     report.problems.extend(checkpoint.reader.file_problems(check_headers=True))
     report.problems.extend(_tree_problems(checkpoint))
     report.problems.extend(_loadability_problems(manifest))
     if not report.problems:
-        outcome = checkpoint.reader.read(range(len(manifest.tensors)), _scratch, verify=True)
+        outcome = _checksum(checkpoint.reader, range(len(manifest.tensors)), progress)
         report.problems.extend(outcome.problems)
         report.bytes_checked = outcome.bytes_read
     return report
 
 
-def _verify_subtree(checkpoint: OpenCheckpoint, key: str, report: VerifyReport) -> VerifyReport:
+def _checksum(
+    reader: CheckpointReader, ids: Sequence[int], progress: ByteProgress | None
+) -> ReadOutcome:
+    """Read and checksum the tensors ``ids``, batch by batch (see VERIFY_BATCH_BYTES)."""
+    entries = reader.manifest.tensors
+    if progress is not None:
+        progress.start(sum(entries[i].nbytes for i in ids))
+    outcome = ReadOutcome()
+    for batch in _batches(ids, entries, VERIFY_BATCH_BYTES):
+        part = reader.read(batch, _scratch, verify=True)
+        # a shard that cannot be opened is reported by every batch that reads it: once is enough
+        outcome.problems.extend(p for p in part.problems if p not in outcome.problems)
+        outcome.bytes_read += part.bytes_read
+        if progress is not None and part.bytes_read:
+            progress.advance(part.bytes_read)
+    return outcome
+
+
+def _batches(ids: Sequence[int], entries: Sequence[TensorEntry], limit: int) -> Iterator[list[int]]:
+    """``ids`` in order, cut into runs of at most ``limit`` bytes (a larger tensor alone)."""
+    batch: list[int] = []
+    size = 0
+    for index in ids:
+        if batch and size + entries[index].nbytes > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(index)
+        size += entries[index].nbytes
+    if batch:
+        yield batch
+
+
+def _verify_subtree(
+    checkpoint: OpenCheckpoint, key: str, report: VerifyReport, progress: ByteProgress | None
+) -> VerifyReport:
     """The files holding the subtree's tensors (sizes, headers) and those tensors' checksums;
     a sharded tensor's chunks are its tensors."""
     manifest = checkpoint.manifest
@@ -358,11 +509,11 @@ def _verify_subtree(checkpoint: OpenCheckpoint, key: str, report: VerifyReport) 
         return report
     names = {manifest.tensors[i].file for i in ids}
     subset = replace(manifest, files=[f for f in manifest.files if f.name in names])
-    reader = CheckpointReader(checkpoint.location, subset)
+    reader = CheckpointReader(checkpoint.location, subset, checkpoint.dir_fd)
     report.files, report.tensors = len(subset.files), len(ids)
     report.problems.extend(reader.file_problems(check_headers=True))
     if not report.problems:
-        outcome = reader.read(sorted(ids), _scratch, verify=True)
+        outcome = _checksum(reader, sorted(ids), progress)
         report.problems.extend(outcome.problems)
         report.bytes_checked = outcome.bytes_read
     return report

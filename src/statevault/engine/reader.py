@@ -15,15 +15,17 @@ so that a report names all of them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import stat
 import threading
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from statevault.engine.parallel import map_threads
 from statevault.engine.verify import failed as failed_checksums
+from statevault.errors import StorageError
 from statevault.format.checksum import crc32c_of, parse_checksum
 from statevault.format.manifest import FileEntry, Manifest, TensorEntry
 from statevault.storage.base import Storage
@@ -65,14 +67,16 @@ def _file_kind(mode: int) -> str | None:
 
 
 class _LocalFile:
-    """A shard on the local disk, opened without following symlinks and only if regular."""
+    """A shard on the local disk, opened without following symlinks and only if regular;
+    through the checkpoint's open directory (``dir_fd``) when there is one."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, dir_fd: int | None = None) -> None:
         # lstat first: opening a FIFO would block, a symlink may lead outside.
-        kind = _file_kind(os.lstat(path).st_mode)
+        name = os.path.basename(path) if dir_fd is not None else path
+        kind = _file_kind(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
         if kind is not None:
             raise _NotAFile(f"is a {kind}, not a regular file")
-        self.fd = open_read(path)
+        self.fd = open_read(name, dir_fd=dir_fd)
         if not stat.S_ISREG(os.fstat(self.fd).st_mode):
             os.close(self.fd)
             raise _NotAFile("is not a regular file")
@@ -130,14 +134,15 @@ class _NotAFile(Exception):
 class CheckpointReader:
     """Reads one checkpoint whose manifest has been parsed and validated."""
 
-    def __init__(self, location: Location, manifest: Manifest) -> None:
+    def __init__(self, location: Location, manifest: Manifest, dir_fd: int | None = None) -> None:
         self.location = location
         self.manifest = manifest
+        self.dir_fd = dir_fd  # the checkpoint's directory, opened once (checkpoint.py)
 
     def _open(self, name: str) -> _LocalFile | _RemoteFile:
         path = self.location.join(name).path
         if self.location.local:
-            return _LocalFile(path)
+            return _LocalFile(path, self.dir_fd)
         return _RemoteFile(self.location.storage, path)
 
     def file_problems(self, check_headers: bool, names: Collection[str] | None = None) -> list[str]:
@@ -149,8 +154,8 @@ class CheckpointReader:
             found = [self._file_problem(entry, check_headers) for entry in files]
         else:
             threads = min(READ_THREADS, len(files))
-            with ThreadPoolExecutor(threads, thread_name_prefix="statevault-check") as pool:
-                found = list(pool.map(lambda e: self._file_problem(e, check_headers), files))
+            check = functools.partial(self._file_problem, check_headers=check_headers)
+            found = map_threads(check, files, threads, "statevault-check")
         return [problem for problem in found if problem is not None]
 
     def _file_problem(self, entry: FileEntry, check_headers: bool) -> str | None:
@@ -158,12 +163,16 @@ class CheckpointReader:
             source = self._open(entry.name)
         except _NotAFile as exc:
             return f"file {entry.name}: {exc}"
+        except StorageError:
+            raise  # the storage failed (unreachable, access denied): no verdict on the bytes
         except OSError as exc:
             return f"file {entry.name}: cannot be opened ({exc.strerror or exc})"
         try:
             return _file_problem(source, entry, check_headers)
         except FileNotFoundError as exc:
             return f"file {entry.name}: cannot be opened ({exc.strerror or exc})"
+        except StorageError:
+            raise
         except (OSError, EOFError) as exc:
             return f"file {entry.name}: cannot be read ({exc})"
         finally:
@@ -181,13 +190,17 @@ class CheckpointReader:
                 return self._read_remote(ids, sources, allocate, verify)
             jobs = [(index, sources[self.manifest.tensors[index].file]) for index in ids]
             threads = max(1, min(READ_THREADS, len(jobs)))
-            with ThreadPoolExecutor(threads, thread_name_prefix="statevault-read") as pool:
-                results = list(
-                    pool.map(lambda job: self._read_one(job[0], job[1], allocate, verify), jobs)
-                )
+            results = map_threads(
+                lambda job: self._read_one(job[0], job[1], allocate, verify),
+                jobs,
+                threads,
+                "statevault-read",
+            )
         except _NotAFile as exc:
             outcome.problems.append(f"a shard {exc}")
             return outcome
+        except StorageError:
+            raise  # the storage failed (unreachable, access denied): no verdict on the bytes
         except OSError as exc:
             outcome.problems.append(f"a shard cannot be opened ({exc})")
             return outcome
@@ -246,8 +259,7 @@ class CheckpointReader:
         requests = plan_requests([(i, entries[i]) for i in views], REQUEST_BYTES, GAP_BYTES)
         load = _RemoteLoad(entries, views, requests, verify)
         threads = max(1, min(REQUESTS_IN_FLIGHT, len(requests)))
-        with ThreadPoolExecutor(threads, thread_name_prefix="statevault-fetch") as pool:
-            list(pool.map(lambda r: load.fetch(sources[r.file], r), requests))
+        map_threads(lambda r: load.fetch(sources[r.file], r), requests, threads, "statevault-fetch")
         outcome = ReadOutcome()
         for index in ids:
             outcome.arrays[index] = arrays[index]
