@@ -18,6 +18,7 @@ import pytest
 
 import statevault as sv
 from statevault.cli.main import main
+from statevault.commit import marker_bytes
 from tests.manager_helpers import small_state
 from tests.s3_server import S3Bucket, has_manifest, record_s3_calls
 
@@ -74,6 +75,7 @@ def test_ls_rm_gc_of_an_s3_run(s3_bucket: S3Bucket, capsys: pytest.CaptureFixtur
     assert not s3_bucket.fs.exists(f"{url}/step_000000001")
 
     orphan = f"{url}/step_000000009/data-r00000-00000-0123abcd.safetensors"
+    s3_bucket.fs.pipe_file(f"{url}/step_000000009/.statevault-save-0123abcd", marker_bytes())
     s3_bucket.fs.pipe_file(orphan, b"x" * 10)
     code, doc = _cli(capsys, "gc", url, "--yes", "--json", *flags)
     assert code == 0 and doc["items"] == [] and "step_000000009" in " ".join(doc["notes"])

@@ -24,6 +24,7 @@ import statevault as sv
 from statevault.checkpoint import open_checkpoint
 from statevault.cli import runs
 from statevault.cli.main import main
+from statevault.commit import marker_bytes
 from statevault.format.names import MANIFEST_NAME
 from statevault.manager.naming import LOCK_FILE
 from tests.manager_helpers import child_env, damage_manifest, save_steps, snapshot, step_dir
@@ -86,8 +87,10 @@ def live(run_dir: Path) -> Iterator[sv.CheckpointManager]:
 
 
 def make_temporary(run: Path) -> Path:
+    """A save that died: its marker (written first), then part of a shard."""
     tmp = run / TMP_NAME
     tmp.mkdir()
+    (tmp / ".statevault-save").write_bytes(marker_bytes())
     (tmp / "data-r00000-00000.safetensors").write_bytes(b"\0" * 64)
     return tmp
 
@@ -153,7 +156,7 @@ def test_ls_run_lists_every_step_with_metrics_status_and_temporaries(
 
 def test_ls_json_matches_the_manager(run_dir: Path, cli: Run) -> None:
     damage_manifest(step_dir(run_dir, 30))
-    make_temporary(run_dir)
+    temporary_bytes = sum(f.stat().st_size for f in make_temporary(run_dir).iterdir())
     doc = cli_json(cli, "ls", run_dir)
     with sv.CheckpointManager(run_dir, max_to_keep=None, save_on_preemption=False) as mgr:
         all_steps, run_id = mgr.all_steps(), mgr.run_id
@@ -177,7 +180,7 @@ def test_ls_json_matches_the_manager(run_dir: Path, cli: Run) -> None:
             "path": str(run_dir / TMP_NAME),
             "kind": "temporary",
             "state": "leftover of an interrupted save",
-            "bytes": 64,
+            "bytes": temporary_bytes,
         }
     ]
     # The manager swept the leftover on start; the live run now has a second session.

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import statevault as sv
+from statevault.commit import marker_bytes
 from statevault.manager.naming import LOCK_FILE, RUN_FILE
 from tests.manager_helpers import (
     DAMAGE,
@@ -275,7 +276,9 @@ def test_stale_temporaries_are_swept_when_a_manager_opens(tmp_path: Path) -> Non
     _three_steps(run)
     for name in ("step_000000004.tmp-abc123", "step_000000002.tmp-0123456789ab"):
         (run / name).mkdir()
+        (run / name / ".statevault-save").write_bytes(marker_bytes())  # a dead save's: ours
         (run / name / "data-r00000-00000.safetensors").write_bytes(b"\0" * 100)
+    (run / "step_000000006.tmp-0123456789ab").mkdir()  # killed between mkdir and marker
     (run / "notes.tmp-abc123").write_text("not a temporary of ours")
     (run / "step_000000005.tmp-zzz").mkdir()  # not a name statevault writes
 
@@ -283,9 +286,26 @@ def test_stale_temporaries_are_swept_when_a_manager_opens(tmp_path: Path) -> Non
         assert mgr.all_steps() == [1, 2, 3]
     assert not (run / "step_000000004.tmp-abc123").exists()
     assert not (run / "step_000000002.tmp-0123456789ab").exists()
+    assert not (run / "step_000000006.tmp-0123456789ab").exists()
     assert (run / "notes.tmp-abc123").read_text() == "not a temporary of ours"
     assert (run / "step_000000005.tmp-zzz").is_dir()
     assert committed_on_disk(run) == [1, 2, 3]
+
+
+def test_a_temporary_named_like_ours_without_a_marker_is_left_alone_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    _three_steps(run)
+    foreign = run / "step_000000004.tmp-abc123"
+    foreign.mkdir()
+    (foreign / "weights.bin").write_bytes(b"another tool's bytes")
+    with (
+        pytest.warns(UserWarning, match="step_000000004.tmp-abc123: not written by statevault"),
+        sv.CheckpointManager(run, max_to_keep=None) as mgr,
+    ):
+        assert mgr.all_steps() == [1, 2, 3]
+    assert (foreign / "weights.bin").read_bytes() == b"another tool's bytes"
 
 
 def test_sweep_never_deletes_the_only_copy_of_a_committed_checkpoint(tmp_path: Path) -> None:

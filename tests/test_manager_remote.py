@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import statevault as sv
+from statevault.commit import marker_bytes
 from statevault.manager.naming import LOCK_FILE, RUN_FILE
 from tests.manager_helpers import small_state
 from tests.s3_server import S3Bucket, has_manifest, objects_under, record_s3_calls
@@ -99,8 +100,9 @@ def test_manifest_less_prefix_is_swept_only_once_old(s3_bucket: S3Bucket) -> Non
     options = s3_bucket.storage_options
     with sv.CheckpointManager(run, storage_options=options) as mgr:
         _save(mgr, [1])
-    # A save of step 2 in flight (or dead): shards, no manifest.
+    # A save of step 2 in flight (or dead): its marker, shards, no manifest.
     orphan = f"{run}/step_000000002/data-r00000-00000-deadbeef.safetensors"
+    s3_bucket.fs.pipe_file(f"{run}/step_000000002/.statevault-save-deadbeef", marker_bytes())
     s3_bucket.fs.pipe_file(orphan, b"x" * 100)
     with sv.CheckpointManager(run, storage_options=options) as mgr:
         assert mgr.all_steps() == [1]
@@ -115,7 +117,9 @@ def test_manifest_less_prefix_is_swept_only_once_old(s3_bucket: S3Bucket) -> Non
 def test_a_save_over_a_dead_saves_leftovers_commits_cleanly(s3_bucket: S3Bucket) -> None:
     run = f"{s3_bucket.url}/run"
     options = s3_bucket.storage_options
-    s3_bucket.fs.pipe_file(f"{run}/step_000000005/data-r00000-00000-0badf00d.safetensors", b"x")
+    dead = f"{run}/step_000000005"
+    s3_bucket.fs.pipe_file(f"{dead}/.statevault-save-0badf00d", marker_bytes())
+    s3_bucket.fs.pipe_file(f"{dead}/data-r00000-00000-0badf00d.safetensors", b"x")
     with sv.CheckpointManager(run, storage_options=options) as mgr:
         _save(mgr, [5])
         assert mgr.all_steps() == [5]

@@ -9,6 +9,12 @@ name, is deleted manifest first. Temporaries are never listed or loaded; the man
 
 On object stores (no rename) the manifest is the last object written: :class:`ObjectCommit`.
 One rule, two protocols.
+
+Ownership: the first file a save writes, before any shard, is its marker (``.statevault-save``;
+``.statevault-save-<tag>`` on object stores), and it stays in the committed checkpoint. A
+deletion removes the manifest first and the marker last. So a directory or prefix is
+statevault's own (:func:`ownership`) when it holds a statevault manifest or a marker, whatever
+state a crash left it in; statevault deletes nothing else (manager/leftovers.py).
 """
 
 from __future__ import annotations
@@ -16,17 +22,100 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
+import socket
+import time
 import uuid
+from typing import Literal
 
+from statevault._version import __version__
 from statevault.errors import CheckpointError, CheckpointExistsError
-from statevault.format.names import MANIFEST_NAME, is_shard_name
+from statevault.format.manifest import ENVELOPE_PREFIX
+from statevault.format.names import MANIFEST_NAME, is_marker_name, is_shard_name, marker_name
 from statevault.storage.local import LocalStorage, fsync_dir
 from statevault.storage.location import Location
 
 TMP_MARKER = ".tmp-"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+_MARKER_LIMIT = 4096
+Ownership = Literal["ours", "foreign", "empty", "absent", "unknown"]
+
+
+def marker_bytes() -> bytes:
+    """The marker's content: who wrote the save (for a person reading it; ownership needs only
+    ``"writer": "statevault"``)."""
+    record = {
+        "writer": "statevault",
+        "version": __version__,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "created_unix": time.time(),
+    }
+    return json.dumps(record).encode()
+
+
+def write_marker(directory: Location, tag: str = "") -> None:
+    """Write the save's marker into ``directory`` (durably: before any shard)."""
+    path = directory.join(marker_name(tag)).path
+    with directory.storage.open_write(path) as handle:
+        handle.write(memoryview(marker_bytes()))
+
+
+def ownership(directory: Location) -> Ownership:
+    """Whether statevault wrote ``directory``: "ours" (a statevault manifest or a marker),
+    "empty", "absent", "foreign" (something else), or "unknown" when it cannot be read
+    (EACCES, ESTALE, a dropped connection): a caller deciding on a deletion keeps it then."""
+    storage = directory.storage
+    try:
+        if directory.local and not storage.is_dir(directory.path):
+            return "absent" if not storage.exists(directory.path) else "foreign"
+        names = storage.list_dir(directory.path)
+        if not names:  # an object store has no empty prefixes
+            return "empty" if directory.local else "absent"
+        if MANIFEST_NAME in names and _starts_with(directory, MANIFEST_NAME, ENVELOPE_PREFIX):
+            return "ours"
+        if any(is_marker_name(n) and _is_marker(directory, n) for n in names):
+            return "ours"
+    except FileNotFoundError:
+        return "absent"
+    except (OSError, EOFError):
+        return "unknown"
+    return "foreign"
+
+
+def _starts_with(directory: Location, name: str, prefix: bytes) -> bool:
+    path = directory.join(name).path
+    size = directory.storage.size(path)
+    return size >= len(prefix) and directory.storage.read_bytes(path, 0, len(prefix)) == prefix
+
+
+def _is_marker(directory: Location, name: str) -> bool:
+    path = directory.join(name).path
+    size = min(directory.storage.size(path), _MARKER_LIMIT)
+    try:
+        record = json.loads(directory.storage.read_bytes(path, 0, size))
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("writer") == "statevault"
+
+
+def remove_checkpoint(directory: Location) -> None:
+    """Delete a checkpoint directory or prefix of statevault's: the manifest first (it stops
+    being a checkpoint), the marker last (what a crash leaves is still recognisably ours)."""
+    storage = directory.storage
+    storage.remove_file(directory.join(MANIFEST_NAME).path)
+    if directory.local:
+        fsync_dir(directory.path)
+    names = storage.list_dir(directory.path)
+    for name in sorted(names, key=is_marker_name):  # markers sort last
+        child = directory.join(name)
+        if directory.local and storage.is_dir(child.path):
+            storage.remove_tree(child.path)
+        else:
+            storage.remove_file(child.path)
+    storage.remove_tree(directory.path)
 
 
 def is_committed(path: str) -> bool:
@@ -62,10 +151,16 @@ def check_target(path: str, overwrite: bool) -> None:
 
 
 def begin(path: str) -> str:
-    """Create and return the temporary directory a save of ``path`` writes into."""
+    """Create and return the temporary directory a save of ``path`` writes into, its marker
+    already in it."""
     _make_parents_durable(os.path.dirname(os.path.abspath(path)))
     tmp = f"{os.path.abspath(path)}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
     os.mkdir(tmp)
+    try:
+        write_marker(Location(LocalStorage(), tmp, tmp))
+    except BaseException:
+        abandon(tmp)  # a failed marker write leaves nothing behind either
+        raise
     return tmp
 
 
@@ -102,19 +197,19 @@ def publish(tmp: str, path: str, overwrite: bool) -> None:
 def abandon(tmp: str) -> None:
     """Remove a temporary directory of a failed save (best effort; the manager sweeps leftovers)."""
     if os.path.isdir(tmp):
-        LocalStorage().remove_tree(tmp)
+        remove_checkpoint(Location(LocalStorage(), tmp, tmp))
 
 
 def _replace(tmp: str, target: str) -> None:
     if _exchange(tmp, target):
-        LocalStorage().remove_tree(tmp)  # now holds the old checkpoint
+        remove_checkpoint(Location(LocalStorage(), tmp, tmp))  # now holds the old checkpoint
         return
     # No atomic exchange on this platform or filesystem: move the old one aside first. A crash
     # between the two renames leaves the old checkpoint under <name>.tmp-<id>-old (documented).
     aside = f"{tmp}-old"
     os.rename(target, aside)
     os.rename(tmp, target)
-    LocalStorage().remove_tree(aside)
+    remove_checkpoint(Location(LocalStorage(), aside, aside))
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -156,8 +251,8 @@ class LocalCommit:
     def publish(self, written: Location, target: Location, overwrite: bool) -> None:
         publish(written.path, target.path, overwrite)
 
-    def abandon(self, written: Location) -> None:
-        abandon(written.path)
+    def abandon(self, written: Location, keep_marker: bool = False) -> None:
+        abandon(written.path)  # a late writer of another rank cannot create files in it again
 
 
 class ObjectCommit:
@@ -193,6 +288,7 @@ class ObjectCommit:
 
     def begin(self, target: Location) -> Location:
         target.storage.make_dir(target.path)
+        write_marker(target, f"-{self.tag}")
         return target
 
     def shard_tag(self) -> str:
@@ -213,9 +309,13 @@ class ObjectCommit:
                 # shards of the replaced save, or of a save that died here: never anything else
                 target.storage.remove_file(target.join(name).path)
 
-    def abandon(self, written: Location) -> None:
-        for name in written.storage.list_dir(written.path):
-            if self.tag in name:
+    def abandon(self, written: Location, keep_marker: bool = False) -> None:
+        """Delete this save's objects, the marker last. ``keep_marker``: leave it, when other
+        ranks may still write objects under the prefix: they stay provably statevault's, and a
+        sweep removes them once stale (manager/leftovers.py)."""
+        ours = [n for n in written.storage.list_dir(written.path) if self.tag in n]
+        for name in sorted(ours, key=is_marker_name):  # the marker last
+            if not (keep_marker and is_marker_name(name)):
                 written.storage.remove_file(written.join(name).path)
 
 
@@ -225,8 +325,12 @@ def committer_for(target: Location) -> LocalCommit | ObjectCommit:
 
 def delete_committed(path: str) -> None:
     """Uncommit in one atomic step (rename to a temporary name, fsync), then delete: a crash
-    halfway leaves a temporary that the next manager sweeps, never a half-deleted step."""
+    halfway leaves a marked temporary that the next manager sweeps, never a half-deleted step.
+    A checkpoint written before markers existed gets one first."""
+    here = Location(LocalStorage(), path, path)
+    if not any(is_marker_name(name) for name in os.listdir(path)):
+        write_marker(here)
     doomed = f"{path}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
     os.rename(path, doomed)
     fsync_dir(os.path.dirname(path))
-    LocalStorage().remove_tree(doomed)
+    remove_checkpoint(Location(LocalStorage(), doomed, doomed))

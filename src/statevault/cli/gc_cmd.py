@@ -1,10 +1,13 @@
 """``statevault gc RUN``: find a run's garbage, and delete it with ``--yes``.
 
-Garbage is what no reader will ever load: temporaries (``*.tmp-*``: leftovers of saves that
-died), incomplete step directories (no manifest: a crash mid-deletion), and the old copy of a
-checkpoint that has been replaced since. ``--corrupt`` adds corrupt checkpoints (a manifest that
-does not parse) and the damaged ones the manager set aside (``*.corrupt-*``): kept by default,
-for inspection. ``--keep-last N``, ``--keep-every N`` and ``--best-metric M [--best-mode]
+Garbage is what no reader will ever load and statevault provably wrote (its manifest or its
+save marker says so; manager/leftovers.py decides, as for the manager's own sweep):
+temporaries (``*.tmp-*``: leftovers of saves that died), incomplete step directories (no
+manifest: a crash mid-deletion), and the old copy of a checkpoint that has been replaced since.
+Another tool's directories in a run are never deleted: they are listed in the notes.
+``--corrupt`` adds corrupt checkpoints (a statevault manifest that does not parse) and the
+damaged ones the manager set aside (``*.corrupt-*``): kept by default, for inspection.
+``--keep-last N``, ``--keep-every N`` and ``--best-metric M [--best-mode]
 [--keep-best K]`` add the run's own committed checkpoints that such a policy would not keep;
 the newest committed checkpoint, and checkpoints written by another run, are never deleted.
 
@@ -26,11 +29,14 @@ from statevault.checkpoint import local_path
 from statevault.cli import remote_runs, render, rm_cmd, runs
 from statevault.cli.common import add_command, add_json_flag, add_storage_options, is_url
 from statevault.cli.rm_cmd import Deletion, Found
-from statevault.commit import TMP_MARKER
+from statevault.commit import ownership
 from statevault.errors import CheckpointNotFoundError
 from statevault.manager.index import RunScan, scan_run
+from statevault.manager.leftovers import survey
 from statevault.manager.naming import parse_step
 from statevault.manager.retention import RetentionPolicy
+from statevault.storage.local import LocalStorage
+from statevault.storage.location import Location
 
 if TYPE_CHECKING:
     from statevault.cli.common import Subparsers
@@ -95,35 +101,24 @@ def _item(run_dir: str, name: str, kind: str, reason: str) -> Deletion:
 
 
 def leftovers(run_dir: str, scan: RunScan, notes: list[str]) -> list[Deletion]:
-    """Temporaries, incomplete step directories and replaced checkpoints' old copies."""
-    items = [
-        _item(run_dir, name, "temporary", "leftover of an interrupted save")
-        for name in scan.temporaries
+    """What the manager itself would sweep (manager/leftovers.py): statevault's own leftovers
+    of interrupted saves and deletions; what is not provably statevault's is only noted."""
+    found = survey(Location(LocalStorage(), run_dir, run_dir), scan)
+    notes += [
+        f"kept {name}: the only copy of its checkpoint (a manager restores it)"
+        for name in found.restore
     ]
-    items += [
-        _item(run_dir, name, "temporary", "leftover of an interrupted run.json update")
-        for name in sorted(os.listdir(run_dir))
-        if runs.RUN_FILE_TEMPORARY.match(name)
-    ]
-    incomplete = "no manifest.json: leftover of an interrupted deletion or save"
-    items += [
-        _item(run_dir, os.path.basename(r.path), "incomplete", incomplete)
-        for r in scan.records.values()
-        if r.status == "incomplete"
-    ]
-    for name in scan.set_aside:
-        step = parse_step(name.split(TMP_MARKER, 1)[0])
-        record = scan.records.get(step) if step is not None else None
-        if record is not None and record.status == "committed":
-            items.append(_item(run_dir, name, "set-aside", "old copy of a replaced checkpoint"))
-        else:
-            notes.append(f"kept {name}: the only copy of its checkpoint (a manager restores it)")
-    return items
+    notes += [f"left alone {note}" for note in found.foreign]
+    return [_item(run_dir, item.name, item.kind, item.reason) for item in found.garbage]
 
 
 def damaged(run_dir: str, scan: RunScan, corrupt: bool, notes: list[str]) -> list[Deletion]:
     records = [r for r in scan.records.values() if r.status == "corrupt"]
-    aside = runs.corrupt_aside_names(run_dir)
+    aside = [
+        name
+        for name in runs.corrupt_aside_names(run_dir)
+        if ownership(Location(LocalStorage(), os.path.join(run_dir, name), name)) == "ours"
+    ]
     if not corrupt:
         if records or aside:
             count = render.plural(len(records) + len(aside), "damaged checkpoint")

@@ -52,6 +52,7 @@ from statevault.cli.common import (
 )
 from statevault.errors import CheckpointNotFoundError
 from statevault.manager.index import CheckpointRecord, RunScan
+from statevault.manager.leftovers import RUN_FILE_TEMPORARY
 from statevault.manager.naming import parse_step
 
 if TYPE_CHECKING:
@@ -87,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     if is_url(args.path):
         return show_document(run_document(read_remote_view(args)), show_run, args)
     path = local_path(args.path)
+    if not os.path.isdir(path):  # say so, rather than that no run was found in it
+        problem = "is not a directory" if os.path.lexists(path) else "does not exist"
+        hint = "give a run directory, or a directory of runs"
+        raise CheckpointNotFoundError(f"{path} {problem}: {hint}")
     kind = runs.classify(path)
     if kind == "checkpoint":
         raise runs.UsageError(f"{path} is one checkpoint, not a run: use `statevault inspect`")
@@ -212,7 +217,7 @@ def temporaries(view: RunView) -> list[dict[str, Any]]:
     rows += [
         (name, "temporary", "leftover of an interrupted run.json update")
         for name in sorted(os.listdir(run))
-        if runs.RUN_FILE_TEMPORARY.match(name)
+        if RUN_FILE_TEMPORARY.match(name)
     ]
     return [
         {

@@ -12,14 +12,15 @@ live unless ``--force``; they do not take the lease themselves.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
 
 from statevault.cli import render, runs
 from statevault.cli.common import ExitCode, storage_options
 from statevault.cli.rm_cmd import Deletion, Found, deletion_document, show
+from statevault.commit import remove_checkpoint
 from statevault.errors import CheckpointNotFoundError, RunLockedError
 from statevault.manager.index import RunScan, scan_run
+from statevault.manager.leftovers import is_statevault_upload, survey
 from statevault.manager.naming import LOCK_FILE, RUN_FILE, parse_step, step_dir_name
 from statevault.manager.retention import RetentionPolicy
 from statevault.manager.rundir import DEFAULT_STALE_AFTER_SECONDS
@@ -72,6 +73,11 @@ def rm(args: argparse.Namespace) -> int:
         record = records.get(step) if step is not None else None
         if record is None:
             raise CheckpointNotFoundError(f"no checkpoint {name} in {run.url}")
+        if record.status in ("foreign", "unreadable"):
+            raise runs.UsageError(
+                f"{record.path} is not provably a statevault checkpoint ({record.problem}); "
+                "refusing to delete it"
+            )
         why = "committed checkpoint" if record.status == "committed" else record.status
         items.append(Deletion(record.path, name, "checkpoint", step, why, record.total_bytes))
     return carry_out(run, Found(items), args)
@@ -81,26 +87,23 @@ def gc(args: argparse.Namespace, policies: list[RetentionPolicy]) -> int:
     run = open_run(args.run, args)
     older_than = args.older_than if args.older_than is not None else DEFAULT_STALE_AFTER_SECONDS
     found = Found([], run=run.url)
-    records = scan(run).records
-    now = time.time()
+    scanned = scan(run)
+    records = scanned.records
+    leftovers = survey(run, scanned, older_than)  # what the manager itself would sweep
+    for item in leftovers.garbage:
+        where = run.join(item.name)
+        found.items.append(Deletion(where.url, item.name, item.kind, item.step, item.reason, 0))
+    found.notes += [f"kept {note}" for note in leftovers.young]
+    found.notes += [f"left alone {note}" for note in leftovers.foreign]
     for record in sorted(records.values(), key=lambda r: r.step):
+        if record.status != "corrupt":
+            continue
         name = record.path.rsplit("/", 1)[1]
-        if record.status == "incomplete":
-            modified = run.storage.modified(run.join(name).path)
-            if modified is not None and now - modified < older_than:
-                found.notes.append(
-                    f"kept {name}: no manifest, but written {now - modified:.0f} s ago (a save "
-                    f"in flight?); deleted once older than --older-than {older_than:.0f}"
-                )
-                continue
-            reason = "no manifest.json: leftover of an interrupted save or deletion"
-            found.items.append(Deletion(record.path, name, "incomplete", record.step, reason, 0))
-        elif record.status == "corrupt":
-            if args.corrupt:
-                reason = runs.short_problem(record)
-                found.items.append(Deletion(record.path, name, "corrupt", record.step, reason, 0))
-            else:
-                found.notes.append(f"kept damaged {name} for inspection; --corrupt deletes it")
+        if args.corrupt:
+            reason = runs.short_problem(record)
+            found.items.append(Deletion(record.path, name, "corrupt", record.step, reason, 0))
+        else:
+            found.notes.append(f"kept damaged {name} for inspection; --corrupt deletes it")
     if policies:
         header = runs.read_header(run.url, run)
         _, deletable = runs.retention_reasons(RunScan(records, []), header.run_id, policies)
@@ -125,7 +128,7 @@ def carry_out(
         delete(run, found.items)
         abort = getattr(run.storage, "abort_stale_uploads", None)
         if abort_uploads_older_than is not None and callable(abort):
-            count = abort(run.path, abort_uploads_older_than)
+            count = abort(run.path, abort_uploads_older_than, is_statevault_upload)
             if count:
                 found.notes.append(f"aborted {count} multipart uploads left open")
     if args.json:
@@ -136,7 +139,8 @@ def carry_out(
 
 
 def delete(run: Location, items: Sequence[Deletion]) -> None:
-    """Each prefix, its manifest first (it stops being a checkpoint before anything else)."""
+    """Each prefix, its manifest first (it stops being a checkpoint before anything else) and
+    its marker last (commit.remove_checkpoint)."""
     for item in items:
-        run.storage.remove_tree(run.join(item.name).path)
+        remove_checkpoint(run.join(item.name))
         item.deleted = True

@@ -1,9 +1,10 @@
 """``statevault rm PATH...`` / ``statevault rm RUN --step N``: delete checkpoints, safely.
 
 A dry run by default: prints what would be deleted and deletes nothing; ``--yes`` deletes. Each
-PATH must be a statevault checkpoint directory (its manifest.json is a statevault manifest,
-valid or damaged), or a ``step_*``, ``*.tmp-*`` or ``*.corrupt-*`` directory inside a run;
-anything else is refused (exit 2) before anything is deleted. Deletion removes the manifest
+PATH must be a directory statevault provably wrote: its manifest.json is a statevault manifest
+(valid or damaged), or it holds statevault's save marker (a save or a deletion that died), or
+it is an empty ``*.tmp-*`` directory of a run; anything else, whatever its name, is refused
+(exit 2) before anything is deleted. Deletion removes the manifest
 first (``LocalStorage.remove_tree``), so an interrupted ``rm`` never leaves a directory that
 looks committed. While a live CheckpointManager holds a run's lock, ``rm`` refuses (exit 2,
 naming the holder) unless ``--force``; while it deletes, it holds the lock itself so that no
@@ -37,9 +38,11 @@ from statevault.cli.common import (
     add_storage_options,
     is_url,
 )
+from statevault.commit import ownership, remove_checkpoint
 from statevault.errors import CheckpointError, CheckpointNotFoundError
 from statevault.manager.naming import is_temporary_name, parse_step, step_dir_name
 from statevault.storage.local import LocalStorage, fsync_dir
+from statevault.storage.location import Location
 
 if TYPE_CHECKING:
     from statevault.cli.common import Subparsers
@@ -122,6 +125,11 @@ def step_targets(paths: Sequence[str], steps: Sequence[int]) -> list[str]:
         path = os.path.join(run_dir, step_dir_name(step))
         if not os.path.isdir(path) or os.path.islink(path):
             raise CheckpointNotFoundError(f"no checkpoint directory for step {step} in {run_dir}")
+        if not deletable(path):
+            raise runs.UsageError(
+                f"{path} was not written by statevault (no statevault manifest, no save "
+                "marker); refusing to delete it"
+            )
         targets.append(path)
     return targets
 
@@ -134,19 +142,22 @@ def path_targets(paths: Sequence[str]) -> list[str]:
             raise CheckpointNotFoundError(f"no such directory: {path}")
         if not deletable(path):
             raise runs.UsageError(
-                f"{path} is not a statevault checkpoint directory (no statevault manifest, and "
-                "not a step_*, *.tmp-* or *.corrupt-* directory of a run); refusing to delete it"
+                f"{path} is not a statevault checkpoint directory (neither a statevault "
+                "manifest nor statevault's save marker is in it); refusing to delete it"
             )
     return targets
 
 
 def deletable(path: str) -> bool:
+    """A directory statevault provably wrote (its manifest or its save marker says so; a
+    statevault temporary may also be empty): never anything else, whatever its name."""
     if os.path.islink(path) or not os.path.isdir(path):
         return False
-    if runs.is_checkpoint_dir(path):
+    owner = ownership(Location(LocalStorage(), path, path))
+    if owner == "ours":
         return True
-    parent, name = os.path.split(path)
-    return runs.is_run_member_name(name) and runs.is_run_dir(parent)
+    name = os.path.basename(path)
+    return owner == "empty" and is_temporary_name(name) and runs.is_run_dir(os.path.dirname(path))
 
 
 def describe(path: str) -> Deletion:
@@ -220,8 +231,10 @@ def delete(items: list[Deletion], console: Console, *, show_progress: bool) -> N
 
 
 def remove(path: str) -> None:
+    """Delete one item: a checkpoint stops being one first (its manifest goes first, its
+    marker last: commit.remove_checkpoint), so an interrupted ``rm`` is swept later."""
     if os.path.isdir(path) and not os.path.islink(path):
-        LocalStorage().remove_tree(path)
+        remove_checkpoint(Location(LocalStorage(), path, path))
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

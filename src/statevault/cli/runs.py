@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from statevault.errors import CheckpointError, RunLockedError
+from statevault.format.manifest import ENVELOPE_PREFIX
 from statevault.format.names import MANIFEST_NAME
 from statevault.manager.index import CheckpointRecord, RunScan, scan_run
 from statevault.manager.lock import pid_alive
@@ -52,9 +53,6 @@ Mode = Literal["min", "max"]
 HANDFUL = 8
 # A committed checkpoint moved aside by the manager (CheckpointManager._make_room).
 CORRUPT_ASIDE = re.compile(r"^step_\d{9,19}\.corrupt-[0-9a-f]+$")
-# The leftover of a run.json update that died between write and rename (manager/run.py).
-RUN_FILE_TEMPORARY = re.compile(r"^run\.json\.tmp-[0-9a-f]+$")
-_ENVELOPE_PREFIX = b'{"format":"statevault"'
 _DEFAULT_LEASE_SECONDS = 60.0
 
 
@@ -68,7 +66,7 @@ def is_checkpoint_dir(path: str) -> bool:
         return False
     try:
         with open(manifest, "rb") as handle:
-            return handle.read(len(_ENVELOPE_PREFIX)) == _ENVELOPE_PREFIX
+            return handle.read(len(ENVELOPE_PREFIX)) == ENVELOPE_PREFIX
     except OSError:
         return False
 

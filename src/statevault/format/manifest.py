@@ -34,6 +34,7 @@ MAX_MANIFEST_BYTES = 1 << 30
 # ranged read of part of a tensor (resharding, a partial load) is verified without reading it all.
 BLOCK_BYTES = 1 << 20
 COMPACT_ROWS = 20_000  # tensor rows beyond which manifest.json is written without indentation
+ENVELOPE_PREFIX = b'{"format":"statevault"'  # how every statevault manifest starts, damaged or not
 _ENVELOPE = re.compile(
     rb'^\{"format":"statevault","format_version":(\d{1,9}),'
     rb'"checksum":"(crc32c:[0-9a-f]{8})","body":'

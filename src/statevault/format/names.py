@@ -24,15 +24,32 @@ def part_name(rank: int, tag: str = "") -> str:
     return f"part-r{rank:05d}{tag}.json"
 
 
+SAVE_MARKER = ".statevault-save"
+
+
+def marker_name(tag: str = "") -> str:
+    """``.statevault-save<tag>``: the first file a save writes, before any shard, and the last
+    one a deletion removes. Whatever directory or prefix holds it was written by statevault
+    (docs/FORMAT.md section 1.2), so that statevault deletes only what is provably its own."""
+    return f"{SAVE_MARKER}{tag}"
+
+
 _WRITTEN_SHARD = re.compile(
-    r"^(data-r\d{5}-\d{5}(-[0-9a-f]{8})?\.safetensors|part-r\d{5}(-[0-9a-f]{8})?\.json)$"
+    r"^(data-r\d{5}-\d{5}(-[0-9a-f]{8})?\.safetensors|part-r\d{5}(-[0-9a-f]{8})?\.json"
+    r"|\.statevault-save(-[0-9a-f]{8})?)$"
 )
+_MARKER = re.compile(r"^\.statevault-save(-[0-9a-f]{8})?$")
 _PART = re.compile(r"^part-r(\d{5})(-[0-9a-f]{8})?\.json$")
 
 
 def is_shard_name(name: str) -> bool:
-    """Whether ``name`` is an object a save writes: a shard (see :func:`shard_name`) or a part."""
+    """Whether ``name`` is an object a save writes: a shard (see :func:`shard_name`), a part,
+    or the save's marker."""
     return _WRITTEN_SHARD.fullmatch(name) is not None
+
+
+def is_marker_name(name: str) -> bool:
+    return _MARKER.fullmatch(name) is not None
 
 
 def part_rank(name: str, tag: str = "") -> int | None:

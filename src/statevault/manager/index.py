@@ -1,9 +1,11 @@
 """What a run directory holds: one record per checkpoint directory, read from its manifest.
 
 A directory ``step_N`` with a manifest that parses is *committed*; one whose manifest does not
-parse is *corrupt* (kept, never deleted automatically); one without a manifest is *incomplete*
-(the leftover of a deletion or of a save on a store without rename). Temporaries are listed
-apart: they are never checkpoints.
+parse is *corrupt* (kept, never deleted automatically); one without a manifest but with
+statevault's marker is *incomplete* (the leftover of a deletion, or of a save on a store without
+rename). Anything else is *foreign* (another tool's, or empty: never touched), and one that
+cannot be read (EACCES, ESTALE) is *unreadable* (never touched either: commit.ownership).
+Temporaries are listed apart: they are never checkpoints.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statevault.checkpoint import open_checkpoint
+from statevault.commit import ownership
 from statevault.errors import CheckpointError, CheckpointNotFoundError
 from statevault.format import tree
 from statevault.format.checksum import crc32c_of, format_checksum
 from statevault.manager.naming import ANNOTATIONS_FILE, is_temporary_name, parse_step
+from statevault.storage.local import LocalStorage
 from statevault.storage.location import Location
 
 
@@ -26,7 +30,7 @@ from statevault.storage.location import Location
 class CheckpointRecord:
     step: int
     path: str
-    status: str  # "committed" | "corrupt" | "incomplete"
+    status: str  # "committed" | "corrupt" | "incomplete" | "foreign" | "unreadable"
     problem: str | None = None
     run_id: str | None = None
     created: str | None = None
@@ -89,14 +93,12 @@ def read_record(where: str | Location, step: int) -> CheckpointRecord:
     if isinstance(where, Location) and where.local:
         where = where.path
     path = where.url if isinstance(where, Location) else where
-    if isinstance(where, str) and not os.path.lexists(os.path.join(path, "manifest.json")):
-        return CheckpointRecord(step, path, "incomplete", "no manifest.json")
     try:
         manifest = open_checkpoint(where).manifest
     except CheckpointNotFoundError:  # no manifest, or deleted between the listing and now
-        return CheckpointRecord(step, path, "incomplete", "no manifest.json")
+        return _unlisted(where, step, "no manifest.json")
     except CheckpointError as exc:
-        return CheckpointRecord(step, path, "corrupt", str(exc))
+        return _unlisted(where, step, str(exc), damaged=True)
     info = manifest.info
     record = CheckpointRecord(
         step=step,
@@ -117,6 +119,20 @@ def read_record(where: str | Location, step: int) -> CheckpointRecord:
         return CheckpointRecord(step, path, "corrupt", f"manifest says step {info.get('step')}")
     record.metrics.update(read_annotations(where))
     return record
+
+
+def _unlisted(
+    where: str | Location, step: int, problem: str, damaged: bool = False
+) -> CheckpointRecord:
+    """The record of a step directory that is no checkpoint: whose it is decides its status."""
+    location = where if isinstance(where, Location) else Location(LocalStorage(), where, where)
+    owner = ownership(location)
+    if owner == "ours":
+        return CheckpointRecord(step, location.url, "corrupt" if damaged else "incomplete", problem)
+    if owner == "unknown":
+        return CheckpointRecord(step, location.url, "unreadable", f"cannot be read: {problem}")
+    detail = "empty" if owner == "empty" else "not written by statevault (no manifest, no marker)"
+    return CheckpointRecord(step, location.url, "foreign", detail)
 
 
 def _dict_or_empty(value: Any) -> dict[str, Any]:

@@ -7,15 +7,21 @@ The replication protocol, for one committed local checkpoint ``<local>/step_N``:
 2. if ``<replica>/step_N/manifest.json`` exists, it is already there: done. Objects under that
    prefix without a manifest are the remains of a dead replication (or of a dead save): they
    are deleted, unless one is not a statevault file, which is refused;
-3. copy every shard file in ``part_bytes`` pieces (a streamed multipart upload; memory holds a
+3. write the marker (commit.py: the prefix is statevault's from then on, whatever happens),
+   then copy every shard file in ``part_bytes`` pieces (a streamed multipart upload; memory holds a
    piece or two, never a file). A transient failure aborts that upload and retries the file
    with backoff (:func:`statevault.storage.fsspec_storage.retrying`); a permanent one (access
    denied, no bucket, quota) fails at once. Each copied object's size is checked against the
    manifest; the bytes are protected in transit by the S3 client's per-request checksums;
 4. ``annotations.json`` if any, then the manifest, byte for byte, last: the object-store commit.
+   A replica on a local path (a shared filesystem) is written under a temporary name and
+   renamed, as every local save is.
 
 A replication failure leaves no committed replica (no manifest) and is raised on the
-manager's next ``save``, ``wait`` or ``close``. The thread runs no collectives.
+manager's next ``save``, ``wait`` or ``close``. The thread (a daemon: the exit hook waits for
+it, manager/closing.py) runs no collectives. :meth:`Replicator.abandon` stops the copies before
+their next part (at exit, past the grace or on Ctrl-C): the upload is aborted, no manifest is
+written, and the prefix is swept later like any dead save's.
 """
 
 from __future__ import annotations
@@ -24,11 +30,15 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
+from statevault import commit
 from statevault.checkpoint import open_checkpoint, verify
+from statevault.engine.background import BackgroundWorker
+from statevault.engine.cancel import Cancel
 from statevault.errors import CheckpointExistsError, CorruptCheckpointError, StorageError
-from statevault.format.names import MANIFEST_NAME, is_shard_name
+from statevault.format.manifest import FileEntry
+from statevault.format.names import MANIFEST_NAME, is_shard_name, marker_name
 from statevault.manager.index import CheckpointRecord, RunScan, read_record, scan_run
 from statevault.manager.naming import ANNOTATIONS_FILE, step_dir_name
 from statevault.manager.retention import RetentionPolicy, decide
@@ -39,7 +49,12 @@ from statevault.storage.location import Location
 logger = logging.getLogger("statevault")
 
 
-def copy_checkpoint(source: str, target: Location, part_bytes: int = PART_BYTES) -> bool:
+def copy_checkpoint(
+    source: str,
+    target: Location,
+    part_bytes: int = PART_BYTES,
+    cancel: Cancel | None = None,
+) -> bool:
     """Replicate the committed local checkpoint ``source`` to ``target`` (protocol above).
 
     Returns False when ``target`` already held it. Example::
@@ -52,11 +67,43 @@ def copy_checkpoint(source: str, target: Location, part_bytes: int = PART_BYTES)
         raise CorruptCheckpointError(
             f"{source} is damaged; not replicating it: {report.problems[0]}", report.problems
         )
-    storage = target.storage
-    if storage.exists(target.join(MANIFEST_NAME).path):
+    if target.storage.exists(target.join(MANIFEST_NAME).path):
         return False
-    names = {entry.name for entry in checkpoint.manifest.files}
-    leftovers = storage.list_dir(target.path)
+    _clear_dead_copy(target, {entry.name for entry in checkpoint.manifest.files})
+    # A local replica (a shared filesystem) commits by rename like any local save; an object
+    # store by writing the manifest last. Either way the marker goes first.
+    if target.local:
+        tmp = commit.begin(target.path)
+        written = Location(target.storage, tmp, tmp)
+    else:
+        target.storage.make_dir(target.path)
+        _copy_marker(source, target)
+        written = target
+    try:
+        _copy_files(source, checkpoint.manifest.files, written, part_bytes, cancel or Cancel())
+        if target.local:
+            commit.publish(written.path, target.path, overwrite=False)
+    except BaseException:
+        if target.local:
+            commit.abandon(written.path)
+        raise
+    return True
+
+
+def _copy_marker(source: str, target: Location) -> None:
+    """The local checkpoint's marker, byte for byte (a fresh one if it predates markers)."""
+    try:
+        with open(os.path.join(source, marker_name()), "rb") as handle:
+            data = handle.read(4096)
+    except FileNotFoundError:
+        data = commit.marker_bytes()
+    target.storage.write_bytes(target.join(marker_name()).path, data)
+
+
+def _clear_dead_copy(target: Location, names: set[str]) -> None:
+    """Remove what a dead copy left under ``target``; refuse if anything there is foreign."""
+    storage = target.storage
+    leftovers = storage.list_dir(target.path) if storage.exists(target.path) else []
     foreign = [n for n in leftovers if n not in names and n != ANNOTATIONS_FILE]
     foreign = [n for n in foreign if not is_shard_name(n)]
     if foreign:
@@ -64,27 +111,33 @@ def copy_checkpoint(source: str, target: Location, part_bytes: int = PART_BYTES)
             f"{target.url} holds objects that are not a statevault checkpoint "
             f"({', '.join(foreign[:3])}); refusing to replicate over them"
         )
-    for name in leftovers:
-        storage.remove_file(target.join(name).path)
-    storage.make_dir(target.path)
-    for entry in checkpoint.manifest.files:
+    if leftovers:
+        commit.remove_checkpoint(target)
+
+
+def _copy_files(
+    source: str, files: list[FileEntry], written: Location, part_bytes: int, cancel: Cancel
+) -> None:
+    """Every shard, then the annotations, then the manifest (the object-store commit)."""
+    for entry in files:
         retrying(
             lambda e=entry: _copy_file(  # type: ignore[misc]
-                os.path.join(source, e.name), target.join(e.name), e.size, part_bytes
+                os.path.join(source, e.name), written.join(e.name), e.size, part_bytes, cancel
             )
         )
+    cancel.check()
+    storage = written.storage
     annotations = os.path.join(source, ANNOTATIONS_FILE)
     if os.path.isfile(annotations):
         with open(annotations, "rb") as handle:
             data = handle.read(1 << 20)
-        storage.write_bytes(target.join(ANNOTATIONS_FILE).path, data)
+        storage.write_bytes(written.join(ANNOTATIONS_FILE).path, data)
     with open(os.path.join(source, MANIFEST_NAME), "rb") as handle:
         manifest = handle.read()
-    storage.write_bytes(target.join(MANIFEST_NAME).path, manifest)  # the commit
-    return True
+    storage.write_bytes(written.join(MANIFEST_NAME).path, manifest)
 
 
-def _copy_file(source: str, target: Location, size: int, part_bytes: int) -> None:
+def _copy_file(source: str, target: Location, size: int, part_bytes: int, cancel: Cancel) -> None:
     """Stream one file in ``part_bytes`` pieces; check the object's size afterwards."""
     buffer = bytearray(min(part_bytes, max(size, 1)))
     fd = open_read(source)
@@ -96,6 +149,7 @@ def _copy_file(source: str, target: Location, size: int, part_bytes: int) -> Non
             while offset < size:
                 count = min(len(buffer), size - offset)
                 view = memoryview(buffer)[:count]
+                cancel.check()  # SaveAbandoned: the upload is aborted by the with block
                 read_into_fd(fd, offset, view)
                 handle.write(view)
                 offset += count
@@ -125,7 +179,8 @@ class Replicator:
         self._lock = threading.Lock()
         self._busy: set[int] = set()
         self._futures: list[Future[None]] = []
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: BackgroundWorker | None = None
+        self._cancel = Cancel()
 
     def submit(self, step: int, source: str) -> None:
         """Replicate ``source`` (the committed local checkpoint of ``step``) in the background."""
@@ -133,8 +188,16 @@ class Replicator:
         with self._lock:
             self._busy.add(step)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="statevault-replicate")
+            self._pool = BackgroundWorker("statevault-replicate")
         self._futures.append(self._pool.submit(self._replicate, step, source))
+
+    def idle(self) -> bool:
+        """True when no copy is queued or running."""
+        return all(future.done() for future in self._futures)
+
+    def abandon(self, reason: str) -> None:
+        """Stop the copies in flight before their next part, and every later one."""
+        self._cancel.set(reason)
 
     def busy_steps(self) -> set[int]:
         """Steps queued or being copied: the local tier must keep them meanwhile."""
@@ -177,14 +240,14 @@ class Replicator:
             self.wait()
         finally:
             if self._pool is not None:
-                self._pool.shutdown(wait=True)
+                self._pool.shutdown()
                 self._pool = None
 
     def _replicate(self, step: int, source: str) -> None:
         started = time.perf_counter()
         target = self.replica.join(step_dir_name(step))
         try:
-            copied = copy_checkpoint(source, target, self.part_bytes)
+            copied = copy_checkpoint(source, target, self.part_bytes, self._cancel)
             record = read_record(target, step)
             with self._lock:
                 self.scan.records[step] = record
@@ -213,6 +276,9 @@ class Replicator:
         for step in deletable:
             path = self.replica.join(step_dir_name(step))
             logger.info("statevault: replica retention deletes %s", path.url)
-            self.replica.storage.remove_tree(path.path)
+            if path.local:
+                commit.delete_committed(path.path)
+            else:
+                commit.remove_checkpoint(path)
             with self._lock:
                 self.scan.records.pop(step, None)

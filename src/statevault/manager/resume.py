@@ -27,6 +27,11 @@ class Copy:
     storage_options: Mapping[str, Any]
 
 
+# What restore tries: a corrupt checkpoint is tried (and skipped with a warning naming it);
+# incomplete, foreign and unreadable directories are not checkpoints.
+LOADABLE = ("committed", "corrupt")
+
+
 @dataclass
 class Loaded:
     step: int
@@ -43,7 +48,7 @@ def candidates(
     ``tiers``: (tier name, records by step, storage options), best tier first."""
     steps: set[int] = set()
     for _, records, _ in tiers:
-        steps.update(s for s, r in records.items() if r.status != "incomplete")
+        steps.update(s for s, r in records.items() if r.status in LOADABLE)
     if step is not None:
         steps = {step}
     ordered = []
@@ -51,7 +56,7 @@ def candidates(
         copies = []
         for tier, records, options in tiers:
             record = records.get(candidate)
-            if record is not None and record.status != "incomplete":
+            if record is not None and record.status in LOADABLE:
                 copies.append(Copy(tier, record.path, record, options))
         ordered.append((candidate, copies))
     return ordered

@@ -5,20 +5,23 @@ checkpoint (uncommit first), sweep the leftovers of dead saves, move a damaged c
 the way, write the small side files (``run.json``, annotations).
 
 - **Local** (rename): deletion renames the checkpoint to a temporary name, then deletes it;
-  saves run under temporary names, so any temporary or manifest-less ``step_*`` directory is a
-  leftover, swept at once (the flock guarantees no other writer is live).
-- **Object stores** (no rename): deletion removes the manifest first, then the other objects.
-  A save writes its shards under the final prefix and its manifest last, so a manifest-less
-  ``step_*`` prefix may be a save *in flight* by another writer that ignored the lease (or the
-  remains of a dead one). It is swept only once its newest object is older than
+  saves run under temporary names, so a temporary or a manifest-less ``step_*`` directory of
+  statevault's (its marker says so) is a leftover, swept at once (the flock guarantees that no
+  other writer is live).
+- **Object stores** (no rename): deletion removes the manifest first, then the other objects,
+  the marker last. A save writes its shards under the final prefix and its manifest last, so a
+  manifest-less ``step_*`` prefix may be a save *in flight* by another writer that ignored the
+  lease (or the remains of a dead one). It is swept only once its newest object is older than
   ``stale_after_seconds`` (default one hour, far beyond any single save), and never loaded.
+
+Only what is provably statevault's is ever deleted (manager/leftovers.py); another tool's
+directories in a run are left alone with a warning.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -27,8 +30,9 @@ from typing import Any, Protocol
 from statevault import commit
 from statevault.manager.index import RunScan, scan_run
 from statevault.manager.lease import LeaseLock
+from statevault.manager.leftovers import is_statevault_upload, survey
 from statevault.manager.lock import DEFAULT_LEASE_SECONDS, RunLock
-from statevault.manager.naming import LOCK_FILE, RUN_FILE, step_dir_name
+from statevault.manager.naming import LOCK_FILE, step_dir_name
 from statevault.storage.local import LocalStorage, fsync_dir
 from statevault.storage.location import Location, resolve
 
@@ -106,7 +110,7 @@ class RunDir:
         if self.local:
             commit.delete_committed(path)
         else:
-            self.location.storage.remove_tree(self._child(path).path)
+            commit.remove_checkpoint(self._child(path))
 
     def write_side_file(self, checkpoint_path: str, name: str, data: bytes) -> None:
         """Write a small file beside a checkpoint's manifest, atomically."""
@@ -132,69 +136,33 @@ class RunDir:
         return aside
 
     def sweep(self) -> None:
-        """Remove the leftovers of dead saves and deletions (see the module docstring)."""
-        if self.local:
-            self._sweep_local()
-        else:
-            self._sweep_remote()
+        """Remove the leftovers of statevault's own dead saves and deletions, and nothing else
+        (manager/leftovers.py); warn about what is left alone as another tool's."""
+        stale = None if self.local else self.stale_after_seconds
+        found = survey(self.location, self.scan(), stale)
+        for name in found.restore:  # an overwrite died between its renames: put the old back
+            original = name.split(commit.TMP_MARKER)[0]
+            os.rename(
+                os.path.join(self.location.path, name), os.path.join(self.location.path, original)
+            )
+            fsync_dir(self.location.path)
+        for note in found.young:
+            logger.info("statevault: %s: leaving %s", self.url, note)
+        for item in found.garbage:
+            where = self.location.join(item.name)
+            logger.info("statevault: removing leftover of an interrupted save: %s", where.url)
+            if item.kind == "run-file":
+                where.storage.remove_file(where.path)
+            else:
+                commit.remove_checkpoint(where)
+        foreign = found.foreign_note()
+        if foreign is not None:
+            warnings.warn(f"statevault: {self.url}: {foreign}", stacklevel=4)
+        abort = getattr(self.location.storage, "abort_stale_uploads", None)
+        if not self.local and callable(abort):  # uploads a killed writer began: invisible, billed
+            count = abort(self.location.path, self.stale_after_seconds, is_statevault_upload)
+            if count:
+                logger.info("statevault: aborted %d stale multipart uploads", count)
 
     def _child(self, path: str) -> Location:
         return self.location.join(path.rstrip("/").rsplit("/", 1)[-1])
-
-    def _sweep_local(self) -> None:
-        """Safe without an age: holding the flock, no other save into this run is live.
-
-        A committed checkpoint moved aside by an overwrite that died between its two renames
-        (platforms without an atomic exchange) is put back first, never swept.
-        """
-        directory = self.location.path
-        scan = scan_run(directory)
-        leftovers = list(scan.temporaries)
-        for name in scan.set_aside:
-            original = os.path.join(directory, name.split(commit.TMP_MARKER)[0])
-            if os.path.lexists(original):
-                leftovers.append(name)  # the overwrite finished: the old copy is garbage
-            else:
-                os.rename(os.path.join(directory, name), original)
-                fsync_dir(directory)
-        # A step directory without a manifest was never a save in flight (saves run under
-        # temporary names): it is what a deletion killed halfway left behind.
-        leftovers += [
-            os.path.basename(r.path) for r in scan.records.values() if r.status == "incomplete"
-        ]
-        leftovers += [n for n in os.listdir(directory) if n.startswith(RUN_FILE + ".tmp-")]
-        for name in leftovers:
-            path = os.path.join(directory, name)
-            logger.info("statevault: removing leftover of an interrupted save: %s", path)
-            if os.path.isdir(path) and not os.path.islink(path):
-                LocalStorage().remove_tree(path)
-            else:
-                LocalStorage().remove_file(path)
-
-    def _sweep_remote(self) -> None:
-        scan = scan_run(self.location)
-        names = [
-            r.path.rsplit("/", 1)[-1] for r in scan.records.values() if r.status == "incomplete"
-        ]
-        now = time.time()
-        for name in names + scan.temporaries:
-            prefix = self.location.join(name)
-            modified = self.location.storage.modified(prefix.path)
-            if modified is None:
-                continue
-            if now - modified < self.stale_after_seconds:
-                logger.info(
-                    "statevault: leaving %s: no manifest, but written %.0f s ago (a save in "
-                    "flight?); swept once older than %.0f s",
-                    prefix.url,
-                    now - modified,
-                    self.stale_after_seconds,
-                )
-                continue
-            logger.info("statevault: removing leftover of an interrupted save: %s", prefix.url)
-            self.location.storage.remove_tree(prefix.path)
-        abort = getattr(self.location.storage, "abort_stale_uploads", None)
-        if callable(abort):  # uploads a killed writer began: invisible, but billed
-            count = abort(self.location.path, self.stale_after_seconds)
-            if count:
-                logger.info("statevault: aborted %d stale multipart uploads", count)
