@@ -154,14 +154,32 @@ def open_checkpoint(
         data = _remote_manifest_bytes(location)
         manifest = parse_manifest(data, location.url)
         return OpenCheckpoint(location, manifest, None, crc32c_of(data))
-    dir_fd = _open_directory(location.path)
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        dir_fd = _open_directory(location.path)
+        try:
+            data = _local_manifest_bytes(dir_fd, location.path)
+            manifest = parse_manifest(data, location.path)
+        except CheckpointNotFoundError:
+            replaced = _replaced(dir_fd, location.path)
+            os.close(dir_fd)
+            if attempt == READ_ATTEMPTS or not replaced:
+                raise
+            continue  # the directory opened was swapped out and is being deleted: try again
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return OpenCheckpoint(location, manifest, dir_fd, crc32c_of(data))
+    raise AssertionError("unreachable")
+
+
+def _replaced(dir_fd: int, path: str) -> bool:
+    """Whether ``path`` names another directory now than the one open as ``dir_fd``."""
+    opened = os.fstat(dir_fd)
     try:
-        data = _local_manifest_bytes(dir_fd, location.path)
-        manifest = parse_manifest(data, location.path)
-    except BaseException:
-        os.close(dir_fd)
-        raise
-    return OpenCheckpoint(location, manifest, dir_fd, crc32c_of(data))
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino)
 
 
 def _open_directory(directory: str) -> int:
