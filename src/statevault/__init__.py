@@ -30,10 +30,10 @@ from statevault.manager import (
     Restored,
     RetentionPolicy,
 )
-from statevault.per_rank import PerRank
 from statevault.restore import LoadedState
-from statevault.rng import RNGState
-from statevault.stateful import Stateful
+from statevault.state.per_rank import PerRank
+from statevault.state.rng import RNGState
+from statevault.state.stateful import Stateful
 
 __all__ = [
     "CheckpointError",

@@ -40,8 +40,8 @@ from statevault.adapters import adapter_for
 from statevault.engine.parallel import run_sized
 from statevault.errors import StateMismatchError
 from statevault.format.tree import join_path
-from statevault.per_rank import PerRank
-from statevault.stateful import as_stateful, restorable_state
+from statevault.state.per_rank import PerRank
+from statevault.state.stateful import as_stateful, restorable_state
 
 
 class LoadedState(dict):  # type: ignore[type-arg]

@@ -14,8 +14,8 @@ from typing import Any
 
 from statevault.distributed.dtensor import is_dtensor
 from statevault.format import tree
-from statevault.per_rank import PerRank
-from statevault.stateful import as_stateful
+from statevault.state.per_rank import PerRank
+from statevault.state.stateful import as_stateful
 
 TargetKey = tuple[str, int]  # ("tensor" | "sharded", id in the manifest)
 _MAX_DEPTH = 200

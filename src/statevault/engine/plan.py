@@ -20,8 +20,8 @@ import numpy as np
 from statevault.adapters import ArrayAdapter, ArraySpec, adapter_for
 from statevault.errors import UnsupportedValueError
 from statevault.format import tree
-from statevault.per_rank import PerRank, is_per_rank
-from statevault.stateful import as_stateful, type_name
+from statevault.state.per_rank import PerRank, is_per_rank
+from statevault.state.stateful import as_stateful, type_name
 
 
 @dataclass(frozen=True)

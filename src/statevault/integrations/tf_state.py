@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from statevault.adapters import adapter_named
 from statevault.errors import CheckpointError, StateMismatchError
-from statevault.stateful import Stateful
+from statevault.state.stateful import Stateful
 
 _RECENT_MODELS: list[weakref.ref[Any]] = []  # Keras layers seen by stateful_view, newest last
 

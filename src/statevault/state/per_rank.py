@@ -27,6 +27,6 @@ class PerRank:
 
 def is_per_rank(value: object) -> bool:
     """PerRank wrappers, and RNGState: random streams are each process's own."""
-    from statevault.rng import RNGState
+    from statevault.state.rng import RNGState
 
     return isinstance(value, (PerRank, RNGState))
