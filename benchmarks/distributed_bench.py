@@ -50,8 +50,6 @@ import numpy as np
 import torch
 
 from statevault.adapters import ArrayAdapter, adapter_named
-from statevault.distributed.assignment import leaves_to_write
-from statevault.distributed.geometry import Box, GeometryError, check_chunks, intersect
 from statevault.distributed.parts import Part, merge, part_from_json
 from statevault.distributed.saver import (  # private: what a rank does, timed piece by piece
     DistributedSaver,
@@ -59,8 +57,10 @@ from statevault.distributed.saver import (  # private: what a rank does, timed p
     _Proposal,
     plan_digest,
 )
+from statevault.engine.assignment import leaves_to_write
 from statevault.engine.plan import Leaf, SavePlan, ShardInfo
 from statevault.format import tree
+from statevault.format.geometry import Box, GeometryError, check_chunks, intersect
 from statevault.format.manifest import (
     BLOCK_BYTES,
     MAX_MANIFEST_BYTES,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from statevault.distributed.geometry import (
+from statevault.format.geometry import (
     Box,
     GeometryError,
     check_chunks,

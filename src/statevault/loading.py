@@ -17,8 +17,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from statevault.adapters import adapter_named
-from statevault.distributed.geometry import Box
-from statevault.distributed.reshard import (
+from statevault.engine.regions import RegionReader
+from statevault.engine.reshard import (
     Logical,
     box_entry,
     plain_logical,
@@ -26,9 +26,9 @@ from statevault.distributed.reshard import (
     sharded_logical,
     spans_of_box,
 )
-from statevault.engine.regions import RegionReader
 from statevault.errors import CheckpointError, CorruptCheckpointError
 from statevault.format import tree as tree_codec
+from statevault.format.geometry import Box
 
 if TYPE_CHECKING:
     from statevault.checkpoint import OpenCheckpoint

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from statevault.distributed.geometry import Box
 from statevault.engine.plan import ShardInfo
 from statevault.errors import UnsupportedValueError
+from statevault.format.geometry import Box
 
 
 def dtensor_class() -> Any:

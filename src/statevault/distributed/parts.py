@@ -16,9 +16,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from statevault.distributed.geometry import Box, GeometryError, check_chunks
 from statevault.engine.plan import SavePlan
 from statevault.errors import DistributedSaveError
+from statevault.format.geometry import Box, GeometryError, check_chunks
 from statevault.format.manifest import (
     ChunkEntry,
     FileEntry,

@@ -4,7 +4,7 @@
     merge, manifest, commit -> settle (collective): every rank learns the outcome
 
 Every rank calls the same API with the same tree. Replicated tensors are dealt out over the
-ranks (distributed/assignment.py), each rank writes its DTensor chunks and its per-rank values,
+ranks (engine/assignment.py), each rank writes its DTensor chunks and its per-rank values,
 fsyncs its files and reports them in a part object. Rank 0 waits for every part (no collective:
 it reads them from the storage, so it can do so in the background thread of an async save),
 checks the chunk geometry, writes the manifest and commits with the usual protocol. If any rank
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statevault.commit import LocalCommit, ObjectCommit, committer_for
-from statevault.distributed.assignment import leaves_to_write
 from statevault.distributed.coordinator import DEFAULT_TIMEOUT_S, Group, SoloGroup, TorchGroup
 from statevault.distributed.group import rank_and_world
 from statevault.distributed.parts import Part, merge, part_from_json, per_rank_locals
+from statevault.engine.assignment import leaves_to_write
 from statevault.engine.layout import assign_files
 from statevault.engine.plan import SavePlan, plan_save
 from statevault.errors import DistributedSaveError

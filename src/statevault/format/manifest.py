@@ -21,10 +21,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from statevault.distributed.geometry import Box, GeometryError, check_chunks
 from statevault.errors import CorruptCheckpointError, UnsupportedFormatError
 from statevault.format import dtypes
 from statevault.format.checksum import crc32c_of, format_checksum, parse_checksum
+from statevault.format.geometry import Box, GeometryError, check_chunks
 from statevault.format.names import is_safe_file_name
 from statevault.format.quick_rows import GRAD_DTYPE_PREFIXES, tensor_entry_or_none
 

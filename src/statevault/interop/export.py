@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statevault.checkpoint import OpenCheckpoint, open_checkpoint
-from statevault.distributed.reshard import Logical, plain_logical, sharded_logical
 from statevault.engine.regions import RegionReader
+from statevault.engine.reshard import Logical, plain_logical, sharded_logical
 from statevault.errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
 from statevault.format import dtypes
 from statevault.format import tree as tree_codec

@@ -4,7 +4,7 @@ The header is written first (every name, dtype and shape is known from the manif
 each array's bytes in C order, slab by slab: a *slab* is a box of the array whose bytes are
 contiguous in C order (a range along one dimension, every later dimension whole, single indices
 before it), at most ``buffer_bytes`` large where the shape allows. Each slab is filled from the
-stored chunks by a verified ranged read (:func:`statevault.distributed.reshard.read_box`), so a
+stored chunks by a verified ranged read (:func:`statevault.engine.reshard.read_box`), so a
 plain tensor and a sharded one (consolidated from its chunks) take the same path, and memory
 stays at about one slab plus the reads' block widening, whatever the size of the tensors.
 
@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from statevault.distributed.geometry import Box
-from statevault.distributed.reshard import Logical, read_box
 from statevault.engine.regions import RegionReader
+from statevault.engine.reshard import Logical, read_box
 from statevault.format import dtypes
+from statevault.format.geometry import Box
 from statevault.format.safetensors_io import HeaderEntry, encode_header
 from statevault.interop import casting
 from statevault.interop.progress import ByteProgress

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from statevault.distributed.geometry import Box, flat_span, overlaps
 from statevault.engine.parallel import map_threads
 from statevault.engine.regions import RegionReader
 from statevault.format import dtypes
+from statevault.format.geometry import Box, flat_span, overlaps
 from statevault.format.manifest import Manifest, TensorEntry
 
 _READ_THREADS = 8
