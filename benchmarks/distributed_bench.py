@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from statevault.adapters import ArrayAdapter, adapter_named
+from statevault.adapters.base import ShardInfo
 from statevault.distributed.parts import Part, merge, part_from_json
 from statevault.distributed.saver import (  # private: what a rank does, timed piece by piece
     DistributedSaver,
@@ -58,7 +59,7 @@ from statevault.distributed.saver import (  # private: what a rank does, timed p
     plan_digest,
 )
 from statevault.engine.assignment import leaves_to_write
-from statevault.engine.plan import Leaf, SavePlan, ShardInfo
+from statevault.engine.plan import Leaf, SavePlan
 from statevault.format import tree
 from statevault.format.geometry import Box, GeometryError, check_chunks, intersect
 from statevault.format.manifest import (

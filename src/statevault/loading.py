@@ -113,7 +113,7 @@ def _read_prefetched(
     of one save list their tensors in the same order), and the requests are fetched in that
     order, so a request is released soon after it arrives and the bytes held stay near the
     prefetch window instead of growing to the whole load."""
-    from statevault.distributed.dtensor import local_box
+    from statevault.adapters.torch_dtensor import local_box
 
     jobs = []
     for index in plain_ids:
@@ -169,7 +169,7 @@ def _targets(
     """DTensor destinations whose global shape and dtype match what was saved."""
     if into is None or "torch.distributed.tensor" not in sys.modules:
         return {}  # no DTensor can exist here (and importing dtensor would import torch)
-    from statevault.distributed.dtensor import dtensor_class
+    from statevault.adapters.torch_dtensor import dtensor_class
 
     if dtensor_class() is None:  # no DTensor can exist in this process
         return {}
@@ -206,7 +206,8 @@ def _read_whole(regions: RegionReader, logical: Logical, device: str | None) -> 
 
 def _read_into_layout(regions: RegionReader, logical: Logical, target: Any) -> Any:
     """This rank's box of ``logical``, as a DTensor laid out like ``target``."""
-    from statevault.distributed.dtensor import local_box, wrap_local
+    from statevault.adapters.torch_dtensor import local_box
+    from statevault.distributed.dtensor import wrap_local
 
     if logical.entry.framework != "torch":
         raise CheckpointError(

@@ -20,12 +20,36 @@ Load path::
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from statevault.engine.arena import StagingArena
 from statevault.format.manifest import TensorEntry
+
+
+class Staging(Protocol):
+    """Reusable host memory that staged copies go into (the engine's StagingArena): adapters
+    take from it and may register its chunks with their framework (pinning for CUDA copies)."""
+
+    def take(self, nbytes: int) -> memoryview: ...
+
+    def add_registration(
+        self,
+        register: Callable[[memoryview], None],
+        unregister: Callable[[memoryview], None],
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where a leaf that is one rank's piece of a sharded tensor lies in the whole tensor."""
+
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    # (this rank's coordinate, mesh size) on every mesh dimension the tensor is replicated over:
+    # ranks differing only there hold the same chunk, and only one of them stores it.
+    replicas: tuple[tuple[int, int], ...] = ()
+    attrs: dict[str, Any] = field(default_factory=dict)  # of the whole tensor (Parameter-ness)
 
 
 @dataclass(frozen=True)
@@ -47,9 +71,9 @@ class ArrayAdapter(Protocol):
 
     def stage(self, objs: Sequence[Any]) -> list[memoryview]: ...
 
-    def stage_into(self, objs: Sequence[Any], arena: StagingArena) -> list[memoryview]: ...
+    def stage_into(self, objs: Sequence[Any], arena: Staging) -> list[memoryview]: ...
 
-    def prepare_staging(self, objs: Sequence[Any], arena: StagingArena) -> None: ...
+    def prepare_staging(self, objs: Sequence[Any], arena: Staging) -> None: ...
 
     def allocate(self, entry: TensorEntry) -> Any: ...
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from statevault.adapters.base import ArraySpec
-from statevault.engine.arena import StagingArena, fresh_host_memory
+from statevault.adapters.base import ArraySpec, Staging
+from statevault.adapters.memory import fresh_host_memory
 from statevault.errors import UnsupportedValueError
 from statevault.format import dtypes
 from statevault.format.manifest import TensorEntry
@@ -41,7 +41,7 @@ class NumpyAdapter:
     def stage(self, objs: Sequence[Any]) -> list[memoryview]:
         return [memoryview(_host_bytes(obj)) for obj in objs]
 
-    def stage_into(self, objs: Sequence[Any], arena: StagingArena) -> list[memoryview]:
+    def stage_into(self, objs: Sequence[Any], arena: Staging) -> list[memoryview]:
         views = []
         for obj in objs:
             view = arena.take(obj.nbytes)
@@ -50,7 +50,7 @@ class NumpyAdapter:
             views.append(view)
         return views
 
-    def prepare_staging(self, objs: Sequence[Any], arena: StagingArena) -> None:
+    def prepare_staging(self, objs: Sequence[Any], arena: Staging) -> None:
         return None  # plain host memory needs nothing beyond the prewarm
 
     def allocate(self, entry: TensorEntry) -> Any:

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from statevault.adapters.base import ArraySpec
-from statevault.engine.arena import StagingArena
+from statevault.adapters.base import ArraySpec, Staging
 from statevault.errors import UnsupportedValueError
 from statevault.format import dtypes
 from statevault.format.manifest import TensorEntry
@@ -71,7 +70,7 @@ class TensorFlowAdapter:
     def stage(self, objs: Sequence[Any]) -> list[memoryview]:
         return [memoryview(_host_bytes(obj)) for obj in objs]
 
-    def stage_into(self, objs: Sequence[Any], arena: StagingArena) -> list[memoryview]:
+    def stage_into(self, objs: Sequence[Any], arena: Staging) -> list[memoryview]:
         views = []
         for obj in objs:
             source = _host_bytes(obj)
@@ -80,7 +79,7 @@ class TensorFlowAdapter:
             views.append(view)
         return views
 
-    def prepare_staging(self, objs: Sequence[Any], arena: StagingArena) -> None:
+    def prepare_staging(self, objs: Sequence[Any], arena: Staging) -> None:
         return None  # values are read to host memory first: nothing to pin
 
     def allocate(self, entry: TensorEntry) -> Any:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from statevault.adapters.base import ArraySpec
-from statevault.engine.arena import StagingArena, fresh_host_memory
+from statevault.adapters.base import ArraySpec, Staging
+from statevault.adapters.memory import fresh_host_memory
 from statevault.errors import UnsupportedValueError
 from statevault.format import dtypes
 from statevault.format.manifest import TensorEntry
@@ -45,7 +45,7 @@ class TorchAdapter:
 
     def local_shard(self, obj: Any, path: str) -> tuple[torch.Tensor, Any] | None:
         """This rank's piece of a DTensor and where it lies (a ShardInfo); None for others."""
-        from statevault.distributed.dtensor import describe_dtensor, is_dtensor
+        from statevault.adapters.torch_dtensor import describe_dtensor, is_dtensor
 
         if not is_dtensor(obj):
             return None
@@ -75,7 +75,7 @@ class TorchAdapter:
             torch.cuda.synchronize()
         return [_memoryview(t) for t in staged]
 
-    def stage_into(self, objs: Sequence[Any], arena: StagingArena) -> list[memoryview]:
+    def stage_into(self, objs: Sequence[Any], arena: Staging) -> list[memoryview]:
         """Copy into arena slices: CUDA tensors with non-blocking copies on a side stream into
         pinned (registered) arena memory and one synchronization; CPU tensors by memcpy."""
         cuda = [t for t in objs if t.device.type == "cuda"]
@@ -94,7 +94,7 @@ class TorchAdapter:
             stream.synchronize()
         return views
 
-    def prepare_staging(self, objs: Sequence[Any], arena: StagingArena) -> None:
+    def prepare_staging(self, objs: Sequence[Any], arena: Staging) -> None:
         """Before a prewarm: CUDA state needs the arena page-locked (done as chunks are made)."""
         if any(t.device.type == "cuda" for t in objs):
             _pin_arena(arena)
@@ -142,7 +142,7 @@ class TorchAdapter:
         return None
 
     def copy_into(self, target: Any, loaded: Any) -> None:
-        from statevault.distributed.dtensor import is_dtensor
+        from statevault.adapters.torch_dtensor import is_dtensor
 
         if is_dtensor(target):  # the load read this rank's piece in the target's layout
             with torch.no_grad():
@@ -160,7 +160,7 @@ class TorchAdapter:
             target.copy_(loaded)
 
     def host_copy_bytes(self, target: Any, loaded: Any) -> int:
-        from statevault.distributed.dtensor import is_dtensor
+        from statevault.adapters.torch_dtensor import is_dtensor
 
         if is_dtensor(target) or is_dtensor(loaded) or not _host_memcpy(target, loaded):
             return 0
@@ -214,7 +214,7 @@ def _side_stream() -> Any:
     return stream
 
 
-def _pin_arena(arena: StagingArena) -> None:
+def _pin_arena(arena: Staging) -> None:
     """Page-lock every arena chunk once (cudaHostRegister), and chunks added later too."""
     arena.add_registration(_register_chunk, _unregister_chunk)
 

@@ -1,73 +1,15 @@
-"""DTensor, the layout of FSDP2, tensor parallelism and DeviceMesh: the torch side of sharding.
-
-Imported only once torch is: the planner asks the torch adapter for a DTensor's local piece and
-where it lies (:func:`describe_dtensor`); a load that restores into DTensors reads each rank's
-box (:func:`local_box`) and wraps it back (:func:`wrap_local`).
+"""Loads into DTensors (the layout of FSDP2, tensor parallelism and DeviceMesh): this rank's box
+of a tensor, read in place, becomes a DTensor laid out like the target (:func:`wrap_local`).
+Describing a DTensor for a save is the torch adapter's (adapters/torch_dtensor.py).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 
-from statevault.engine.plan import ShardInfo
-from statevault.errors import UnsupportedValueError
-from statevault.format.geometry import Box
-
-
-def dtensor_class() -> Any:
-    """The DTensor class when torch.distributed.tensor is imported (else no DTensor exists)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
-
-
-def is_dtensor(value: object) -> bool:
-    kind = dtensor_class()
-    return kind is not None and isinstance(value, kind)
-
-
-def describe_dtensor(value: Any, path: str) -> tuple[torch.Tensor, ShardInfo]:
-    """This rank's piece of ``value`` and where it lies in the whole tensor."""
-    if any(placement.is_partial() for placement in value.placements):
-        raise UnsupportedValueError(
-            path,
-            "a DTensor with a Partial placement holds unreduced values; redistribute it to "
-            "Shard/Replicate placements (or call .full_tensor()) before saving",
-        )
-    box = local_box(value)
-    mesh = value.device_mesh
-    coordinate = mesh.get_coordinate()
-    if coordinate is None:
-        raise UnsupportedValueError(path, "this rank is not in the DTensor's device mesh")
-    replicas = tuple(
-        (int(coordinate[dim]), int(mesh.size(dim)))
-        for dim, placement in enumerate(value.placements)
-        if placement.is_replicate()
-    )
-    attrs: dict[str, Any] = {}
-    if isinstance(value, torch.nn.Parameter):
-        attrs["parameter"] = True
-    if value.requires_grad:
-        attrs["requires_grad"] = True
-    local = value.to_local().detach()
-    if tuple(local.shape) != box.sizes:
-        raise UnsupportedValueError(
-            path,
-            f"the DTensor's local tensor has shape {tuple(local.shape)}, its chunk {box.sizes} "
-            "(padded local shards are not supported)",
-        )
-    return local, ShardInfo(tuple(int(d) for d in value.shape), box.offsets, replicas, attrs)
-
-
-def local_box(value: Any) -> Box:
-    """The box of the whole tensor this rank holds."""
-    chunks = value.__create_chunk_list__()
-    if len(chunks) != 1:
-        raise UnsupportedValueError("", f"a DTensor with {len(chunks)} local chunks")
-    chunk = chunks[0]
-    return Box(tuple(int(o) for o in chunk.offsets), tuple(int(s) for s in chunk.sizes))
+from statevault.adapters.torch_dtensor import dtensor_class
 
 
 def wrap_local(local: torch.Tensor, like: Any) -> Any:

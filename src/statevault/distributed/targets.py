@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from statevault.distributed.dtensor import is_dtensor
+from statevault.adapters.torch_dtensor import is_dtensor
 from statevault.format import tree
 from statevault.state.per_rank import PerRank
 from statevault.state.stateful import as_stateful

@@ -18,22 +18,11 @@ from typing import Any
 import numpy as np
 
 from statevault.adapters import ArrayAdapter, ArraySpec, adapter_for
+from statevault.adapters.base import ShardInfo
 from statevault.errors import UnsupportedValueError
 from statevault.format import tree
 from statevault.state.per_rank import PerRank, is_per_rank
 from statevault.state.stateful import as_stateful, type_name
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """Where a leaf that is one rank's piece of a sharded tensor lies in the whole tensor."""
-
-    global_shape: tuple[int, ...]
-    offsets: tuple[int, ...]
-    # (this rank's coordinate, mesh size) on every mesh dimension the tensor is replicated over:
-    # ranks differing only there hold the same chunk, and only one of them stores it.
-    replicas: tuple[tuple[int, int], ...] = ()
-    attrs: dict[str, Any] = field(default_factory=dict)  # of the whole tensor (Parameter-ness)
 
 
 @dataclass
