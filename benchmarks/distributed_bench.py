@@ -48,9 +48,6 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-
-from statevault.adapters import ArrayAdapter, adapter_named
-from statevault.adapters.base import ShardInfo
 from statevault.distributed.parts import Part, merge, part_from_json
 from statevault.distributed.saver import (  # private: what a rank does, timed piece by piece
     DistributedSaver,
@@ -58,6 +55,10 @@ from statevault.distributed.saver import (  # private: what a rank does, timed p
     _Proposal,
     plan_digest,
 )
+
+from statevault.adapters import ArrayAdapter, adapter_named
+from statevault.adapters.base import ShardInfo
+from statevault.checkpoint.save import _Job
 from statevault.engine.assignment import leaves_to_write
 from statevault.engine.plan import Leaf, SavePlan
 from statevault.format import tree
@@ -71,7 +72,6 @@ from statevault.format.manifest import (
     serialize_manifest,
 )
 from statevault.format.names import shard_name
-from statevault.saver import _Job
 
 MiB = 1 << 20
 

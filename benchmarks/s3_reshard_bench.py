@@ -15,7 +15,8 @@ step and save it to S3 with statevault and with DCP (``FsspecWriter``). Then, pe
 - one process without a process group loads full tensors (``sv.load(url)``; DCP: ``dcp.load``
   into full-size tensors with ``no_dist=True``).
 
-statevault runs twice: as shipped (``loading.PREFETCH_REMOTE``) and with the prefetch off. The
+statevault runs twice: as shipped (``PREFETCH_REMOTE`` of checkpoint/read.py) and with the
+prefetch off. The
 GET requests of the one-process loads are counted (aiobotocore's ``_make_api_call``). Moto keeps
 objects in its process's memory: the figures measure the client, the HTTP path and that server,
 not a real S3 region, where each round trip costs more and merging matters more.
@@ -43,7 +44,7 @@ import distributed_bench as dist_bench  # noqa: E402
 import s3_bench  # noqa: E402
 
 import statevault as sv  # noqa: E402
-from statevault import loading  # noqa: E402
+from statevault.checkpoint import read as loading  # noqa: E402
 
 CONTENDERS = ("statevault", "statevault, prefetch off", "DCP")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import statevault as sv
-from statevault import saver as saver_module
+from statevault.checkpoint import save as saver_module
 from statevault.engine import writer
 
 

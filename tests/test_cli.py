@@ -455,9 +455,11 @@ class _Recorder:
 def test_verify_reports_progress_in_bytes(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import statevault.checkpoint
+    import statevault.checkpoint.verify
 
-    monkeypatch.setattr(statevault.checkpoint, "VERIFY_BATCH_BYTES", 64)  # many small batches
+    monkeypatch.setattr(
+        statevault.checkpoint.verify, "VERIFY_BATCH_BYTES", 64
+    )  # many small batches
     recorder = _Recorder()
     report = sv.verify(checkpoint, progress=recorder)
     assert report.ok and recorder.totals == [report.bytes_checked]

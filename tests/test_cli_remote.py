@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import statevault as sv
+from statevault.checkpoint.commit import marker_bytes
 from statevault.cli.main import main
-from statevault.commit import marker_bytes
 from tests.manager_helpers import small_state
 from tests.s3_server import S3Bucket, has_manifest, record_s3_calls
 

@@ -22,9 +22,9 @@ from rich.console import Console
 
 import statevault as sv
 from statevault.checkpoint import open_checkpoint
+from statevault.checkpoint.commit import marker_bytes
 from statevault.cli import runs
 from statevault.cli.main import main
-from statevault.commit import marker_bytes
 from statevault.format.names import MANIFEST_NAME
 from statevault.manager.naming import LOCK_FILE
 from tests.manager_helpers import child_env, damage_manifest, save_steps, snapshot, step_dir

@@ -39,8 +39,8 @@ import pytest
 import torch
 
 import statevault as sv
-import statevault.commit
 import statevault.storage.local
+from statevault.checkpoint import commit as commit_module
 from statevault.errors import CheckpointExistsError, CheckpointNotFoundError
 from tests import workloads
 
@@ -195,7 +195,7 @@ def check_run_dir(run_dir: Path, log: SaveLog) -> list[str]:
     problems: list[str] = []
     for entry in sorted(os.listdir(run_dir)):
         path = run_dir / entry
-        if statevault.commit.is_temporary(entry):
+        if commit_module.is_temporary(entry):
             try:
                 sv.load(path)
             except CheckpointNotFoundError:
@@ -325,7 +325,7 @@ def test_killed_between_exchange_and_cleanup_leaves_no_loadable_temporary(
     script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(WORKLOADS.parent)!r})
-import statevault as sv, statevault.commit as commit
+import statevault as sv, statevault.checkpoint.commit as commit
 import workloads
 sv.save(workloads.crash_state(0), "ckpt")
 def die(path):
@@ -336,7 +336,7 @@ sv.save(workloads.crash_state(2), "ckpt", overwrite=True)
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert_same(dict(sv.load(tmp_path / "ckpt")), workloads.crash_state(2))
-    temporaries = [p for p in tmp_path.iterdir() if statevault.commit.is_temporary(p.name)]
+    temporaries = [p for p in tmp_path.iterdir() if commit_module.is_temporary(p.name)]
     assert temporaries, "expected the swapped-out old checkpoint under the temporary name"
     for path in temporaries:
         with pytest.raises(CheckpointNotFoundError):
@@ -436,14 +436,12 @@ class Faults:
         self.fail_at = 0
         self.committed = False
         self.failed_after_commit: bool | None = None
-        real_rename, real_exchange = os.rename, statevault.commit._exchange
+        real_rename, real_exchange = os.rename, commit_module._exchange
 
         def rename(src: Any, dst: Any) -> None:
             real_rename(src, dst)
             names = os.path.basename(os.fspath(src)), os.path.basename(os.fspath(dst))
-            if statevault.commit.is_temporary(names[0]) and not statevault.commit.is_temporary(
-                names[1]
-            ):
+            if commit_module.is_temporary(names[0]) and not commit_module.is_temporary(names[1]):
                 self.committed = True
 
         def exchange(a: str, b: str) -> bool:
@@ -452,7 +450,7 @@ class Faults:
             return done
 
         monkeypatch.setattr(os, "rename", rename)  # as commit.py calls it
-        monkeypatch.setattr(statevault.commit, "_exchange", exchange)
+        monkeypatch.setattr(commit_module, "_exchange", exchange)
 
     def wrap(self, owner: Any, name: str) -> None:
         real = getattr(owner, name)

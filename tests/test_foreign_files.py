@@ -19,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import statevault as sv
-from statevault import commit
+from statevault.checkpoint import commit
 from tests.manager_helpers import child_env, save_steps, snapshot, step_dir
 
 

@@ -25,9 +25,9 @@ import pytest
 import torch
 
 import statevault as sv
-from statevault import checkpoint as checkpoint_module
 from statevault.adapters.numpy_adapter import NumpyAdapter
 from statevault.adapters.torch_adapter import TorchAdapter
+from statevault.checkpoint import verify as checkpoint_module
 from statevault.format import dtypes
 from statevault.format.checksum import crc32c_of, format_checksum
 from tests.hostile_helpers import (

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import statevault as sv
-from statevault.commit import marker_bytes
+from statevault.checkpoint.commit import marker_bytes
 from statevault.manager.naming import LOCK_FILE, RUN_FILE
 from tests.manager_helpers import (
     DAMAGE,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import statevault as sv
-from statevault.commit import marker_bytes
+from statevault.checkpoint.commit import marker_bytes
 from statevault.manager.naming import LOCK_FILE, RUN_FILE
 from tests.manager_helpers import small_state
 from tests.s3_server import S3Bucket, has_manifest, objects_under, record_s3_calls

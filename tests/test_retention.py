@@ -444,7 +444,7 @@ def test_the_checkpoint_resumed_from_is_kept_while_it_is_the_newest(tmp_path: Pa
 def test_nothing_is_deleted_when_the_new_save_fails_to_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, async_save: bool
 ) -> None:
-    import statevault.commit
+    import statevault.checkpoint.commit
 
     run = tmp_path / "run"
     with sv.CheckpointManager(run, max_to_keep=2, async_save=async_save) as mgr:
@@ -455,7 +455,7 @@ def test_nothing_is_deleted_when_the_new_save_fails_to_commit(
         def fail_publish(tmp: str, path: str, overwrite: bool) -> None:
             raise OSError(28, "No space left on device (injected)")
 
-        monkeypatch.setattr(statevault.commit, "publish", fail_publish)
+        monkeypatch.setattr(statevault.checkpoint.commit, "publish", fail_publish)
         with pytest.raises(OSError, match="injected"):
             mgr.save(3, {"w": np.zeros(4)})
             mgr.wait()  # an async save reports its failure here

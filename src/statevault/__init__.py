@@ -9,7 +9,10 @@ Importing statevault imports neither torch nor tensorflow.
 """
 
 from statevault._version import __version__
-from statevault.checkpoint import VerifyReport, load, save, verify
+from statevault.checkpoint.load import load
+from statevault.checkpoint.restore import LoadedState
+from statevault.checkpoint.save import save
+from statevault.checkpoint.verify import VerifyReport, verify
 from statevault.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -30,7 +33,6 @@ from statevault.manager import (
     Restored,
     RetentionPolicy,
 )
-from statevault.restore import LoadedState
 from statevault.state.per_rank import PerRank
 from statevault.state.rng import RNGState
 from statevault.state.stateful import Stateful

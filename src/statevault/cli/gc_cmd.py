@@ -26,10 +26,10 @@ import os
 from typing import TYPE_CHECKING
 
 from statevault.checkpoint import local_path
+from statevault.checkpoint.commit import ownership
 from statevault.cli import remote_runs, render, rm_cmd, runs
 from statevault.cli.common import add_command, add_json_flag, add_storage_options, is_url
 from statevault.cli.rm_cmd import Deletion, Found
-from statevault.commit import ownership
 from statevault.errors import CheckpointNotFoundError
 from statevault.manager.index import RunScan, scan_run
 from statevault.manager.leftovers import survey

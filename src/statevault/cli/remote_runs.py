@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from statevault.checkpoint.commit import remove_checkpoint
 from statevault.cli import render, runs
 from statevault.cli.common import ExitCode, storage_options
 from statevault.cli.rm_cmd import Deletion, Found, deletion_document, show
-from statevault.commit import remove_checkpoint
 from statevault.errors import CheckpointNotFoundError, RunLockedError
 from statevault.manager.index import RunScan, scan_run
 from statevault.manager.leftovers import is_statevault_upload, survey

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from statevault.checkpoint import local_path, open_checkpoint
+from statevault.checkpoint.commit import ownership, remove_checkpoint
 from statevault.cli import render, runs
 from statevault.cli.common import (
     ExitCode,
@@ -38,7 +39,6 @@ from statevault.cli.common import (
     add_storage_options,
     is_url,
 )
-from statevault.commit import ownership, remove_checkpoint
 from statevault.errors import CheckpointError, CheckpointNotFoundError
 from statevault.manager.naming import is_temporary_name, parse_step, step_dir_name
 from statevault.storage.local import LocalStorage, fsync_dir

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from statevault.checkpoint import VerifyReport, open_checkpoint, verify
+from statevault.checkpoint import open_checkpoint
+from statevault.checkpoint.verify import VerifyReport, verify
 from statevault.cli import render
 from statevault.cli.common import (
     ByteBar,

@@ -37,7 +37,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from statevault.checkpoint import load
+from statevault.checkpoint.load import load
 from statevault.engine.plan import plan_save
 from statevault.engine.staging import stage
 from statevault.errors import CorruptCheckpointError

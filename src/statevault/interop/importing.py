@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from statevault.checkpoint import save
+from statevault.checkpoint.save import save
 from statevault.errors import CheckpointError
 from statevault.interop import source_safetensors, source_tf, source_torch
 from statevault.interop.progress import ByteProgress, Capped, NoProgress

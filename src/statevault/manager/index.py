@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statevault.checkpoint import open_checkpoint
-from statevault.commit import ownership
+from statevault.checkpoint.commit import ownership
 from statevault.errors import CheckpointError, CheckpointNotFoundError
 from statevault.format import tree
 from statevault.format.checksum import crc32c_of, format_checksum

@@ -25,7 +25,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from statevault.commit import TMP_MARKER, ownership
+from statevault.checkpoint.commit import TMP_MARKER, ownership
 from statevault.format.names import is_shard_name
 from statevault.manager.index import RunScan
 from statevault.manager.naming import parse_step

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
-from statevault.distributed.saver import DistributedSaver, new_saver
+from statevault.checkpoint.save import SaveFuture, Saver
 from statevault.errors import CheckpointError
 from statevault.manager import closing, options
 from statevault.manager.index import (
@@ -51,7 +51,6 @@ from statevault.manager.retention import (
 from statevault.manager.role import Role
 from statevault.manager.run import new_run, new_session, read_run, write_run
 from statevault.manager.rundir import DEFAULT_STALE_AFTER_SECONDS, RunDir
-from statevault.saver import SaveFuture
 
 logger = logging.getLogger("statevault")
 
@@ -132,9 +131,12 @@ class CheckpointManager(RunQueries, RunRestore):
         )
         self._closed = False
         self._replicator: Replicator | None = None
-        self._saver = new_saver(asynchronous=async_save, staging_budget_bytes=staging_budget_bytes)
-        if isinstance(self._saver, DistributedSaver):
-            self._saver.read_back_manifest = False  # followers need no manifest
+        # Followers need no manifest back: the leader alone indexes the run.
+        self._saver = Saver(
+            asynchronous=async_save,
+            staging_budget_bytes=staging_budget_bytes,
+            read_back_manifest=False,
+        )
         self._role = Role(self._saver)
         error: BaseException | None = None
         if self._role.leader:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from statevault.checkpoint.save import SaveFuture
 from statevault.errors import CheckpointError
 from statevault.manager.index import CheckpointRecord, RunScan
 from statevault.manager.preemption import PreemptionWatcher
 from statevault.manager.replication import Replicator
 from statevault.manager.retention import KeepBest, RetentionPolicy, decide
 from statevault.manager.rundir import RunDir
-from statevault.saver import SaveFuture
 
 
 class RunQueries:

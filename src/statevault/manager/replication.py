@@ -32,8 +32,8 @@ import threading
 import time
 from concurrent.futures import Future
 
-from statevault import commit
-from statevault.checkpoint import open_checkpoint, verify
+from statevault.checkpoint import commit, open_checkpoint
+from statevault.checkpoint.verify import verify
 from statevault.engine.background import BackgroundWorker
 from statevault.engine.cancel import Cancel
 from statevault.errors import CheckpointExistsError, CorruptCheckpointError, StorageError

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from statevault.checkpoint import load
+from statevault.checkpoint.load import load
+from statevault.checkpoint.save import Saver
 from statevault.errors import CheckpointError
 from statevault.manager import options
 from statevault.manager.index import CheckpointRecord, RunScan
@@ -19,7 +20,6 @@ from statevault.manager.resume import candidates, load_newest
 from statevault.manager.role import Role
 from statevault.manager.run import read_run
 from statevault.manager.rundir import RunDir
-from statevault.saver import Saver
 
 logger = logging.getLogger("statevault")
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from statevault.checkpoint import load
+from statevault.checkpoint.load import load
 from statevault.errors import CheckpointNotFoundError, CorruptCheckpointError
 from statevault.manager.index import CheckpointRecord
 

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from statevault.distributed.coordinator import Group, SoloGroup
-from statevault.distributed.saver import DistributedSaver
+from statevault.checkpoint.save import Saver
+from statevault.distributed.coordinator import Group
 from statevault.errors import CheckpointError
-from statevault.saver import Saver
 
 
 class Role:
     """This process's role in the run: leader or follower, and the group to agree in."""
 
     def __init__(self, saver: Saver) -> None:
-        self.group: Group = saver.group if isinstance(saver, DistributedSaver) else SoloGroup()
+        self.group: Group = saver.group
         self.leader = self.group.rank == 0
         self.distributed = self.group.size > 1
 

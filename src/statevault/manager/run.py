@@ -15,10 +15,10 @@ import subprocess
 import uuid
 from typing import Any
 
+from statevault.checkpoint.info import framework_versions
 from statevault.errors import CheckpointError
 from statevault.format import tree
 from statevault.manager.naming import RUN_FILE
-from statevault.runinfo import framework_versions
 from statevault.storage.local import fsync_dir
 from statevault.storage.location import Location
 

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from statevault import commit
+from statevault.checkpoint import commit
 from statevault.manager.index import RunScan, scan_run
 from statevault.manager.lease import LeaseLock
 from statevault.manager.leftovers import is_statevault_upload, survey

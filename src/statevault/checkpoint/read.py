@@ -1,11 +1,12 @@
-"""Read the tensors a load needs, each into the layout it is going to.
+"""Read: the tensors a load needs, each into the layout it is going to, then the tree decoded.
 
     pick per-rank branches -> find DTensor destinations -> read plain tensors (fast path)
     -> read boxes of targeted and sharded tensors (ranged, verified) -> values by node id
+    -> decode the tree around them
 
 Plain tensors with no DTensor destination take the reader's fast path (a mapped local file or
-parallel ranged reads). A tensor going to a DTensor is read only for the box this rank holds; a
-sharded tensor going anywhere else is assembled whole from its chunks.
+parallel ranged reads: :func:`read_plain`). A tensor going to a DTensor is read only for the box
+this rank holds; a sharded tensor going anywhere else is assembled whole from its chunks.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from statevault.adapters import adapter_named
+from statevault.checkpoint.open import OpenCheckpoint
 from statevault.engine.regions import RegionReader
 from statevault.engine.reshard import (
     Logical,
@@ -29,13 +31,10 @@ from statevault.engine.reshard import (
 from statevault.errors import CheckpointError, CorruptCheckpointError
 from statevault.format import tree as tree_codec
 from statevault.format.geometry import Box
+from statevault.format.manifest import TensorEntry
 
-if TYPE_CHECKING:
-    from statevault.checkpoint import OpenCheckpoint
+WHOLE_TREE = object()
 
-# Reads plain tensors by id on the reader's fast path, after the load's file checks: (ids) ->
-# {id: value}; with no ids, the file checks alone.
-PlainReader = Callable[[list[int]], dict[int, Any]]
 # Resharding reads from an object store are fetched ahead in merged requests (engine/prefetch);
 # False reads each span on its own (benchmarks/s3_reshard_bench.py compares the two).
 PREFETCH_REMOTE = True
@@ -57,8 +56,14 @@ def read_tensors(
     device: str | None,
     verify: bool,
     pick_rank: Callable[[int], int],
-    read_plain: PlainReader,
+    all_files: bool = True,
 ) -> LoadedTensors:
+    """The values of the tensor nodes of ``node``. ``all_files``: check every file a load may
+    touch (a whole load), else only those of the tensors read (a partial one)."""
+
+    def read_plain(ids: list[int]) -> dict[int, Any]:
+        return _read_plain(checkpoint, verify, device, ids, all_files)
+
     manifest = checkpoint.manifest
     targets = _targets(checkpoint, node, into, pick_rank)
     result = LoadedTensors()
@@ -219,3 +224,93 @@ def _read_into_layout(regions: RegionReader, logical: Logical, target: Any) -> A
     read_box(regions, logical, box, view)
     local = adapter_named("torch").finalize(array, entry, None)
     return wrap_local(local.detach(), target)
+
+
+def _read_plain(
+    checkpoint: OpenCheckpoint,
+    verify: bool,
+    device: str | None,
+    ids: list[int] | None = None,
+    all_files: bool = False,
+) -> dict[int, Any]:
+    """The arrays ``ids`` (default: all), verified; a partial load checks only their files
+    unless ``all_files`` (a whole load checks every file it may touch)."""
+    reader = checkpoint.reader
+    where = checkpoint.directory
+    entries = checkpoint.manifest.tensors
+    wanted = [i for i in ids if 0 <= i < len(entries)] if ids is not None else range(len(entries))
+    files = {entries[i].file for i in wanted}
+    problems = reader.file_problems(verify, None if ids is None or all_files else files)
+    if problems:
+        raise CorruptCheckpointError(f"{where} is damaged: {problems[0]}", problems)
+    for entry in (entries[i] for i in wanted):  # unknown frameworks fail before any read
+        try:
+            adapter_named(entry.framework)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: tensor {entry.path}: {exc}") from None
+    if checkpoint.location.local:  # view the page cache in place: no allocation, no copy
+        outcome = reader.map(wanted, _adopter(where), verify)
+    else:
+        outcome = reader.read(wanted, _allocator(where), verify)
+    if outcome.problems:
+        detail = outcome.problems[0] + (
+            f" (and {len(outcome.problems) - 1} more)" if len(outcome.problems) > 1 else ""
+        )
+        raise CorruptCheckpointError(f"{where} is damaged: {detail}", outcome.problems)
+    return {
+        i: adapter_named(entries[i].framework).finalize(outcome.arrays[i], entries[i], device)
+        for i in wanted
+    }
+
+
+def _adopter(where: str) -> Any:
+    def adopt(entry: TensorEntry, view: memoryview) -> object:
+        try:
+            return adapter_named(entry.framework).from_buffer(view, entry)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"{where}: tensor {entry.path}: {exc}") from None
+
+    return adopt
+
+
+def _allocator(where: str) -> Any:
+    def allocate(entry: TensorEntry) -> tuple[object, memoryview]:
+        adapter = adapter_named(entry.framework)
+        try:
+            array = adapter.allocate(entry)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"{where}: tensor {entry.path}: {exc}") from None
+        return array, adapter.writable_bytes(array)
+
+    return allocate
+
+
+def decode(
+    checkpoint: OpenCheckpoint,
+    arrays: Mapping[int, Any],
+    node: Any = WHOLE_TREE,
+    sharded: Mapping[int, Any] | None = None,
+    pick_rank: Any = None,
+) -> Any:
+    """Decode ``node`` (default: the whole tree), its tensors taken from ``arrays`` and
+    ``sharded``; ``pick_rank`` chooses per-rank branches (default: check all, give rank 0's)."""
+
+    def resolver(values: Mapping[int, Any], kind: str) -> Any:
+        def resolve(index: int) -> Any:
+            if index not in values:
+                raise CorruptCheckpointError(
+                    f"{checkpoint.directory}: tree refers to {kind} {index}"
+                )
+            return values[index]
+
+        return resolve
+
+    tree = checkpoint.manifest.tree if node is WHOLE_TREE else node
+    return tree_codec.decode(
+        tree,
+        resolver(arrays, "tensor"),
+        checkpoint.directory,
+        resolve_sharded=resolver(sharded if sharded is not None else {}, "sharded tensor"),
+        pick_rank=pick_rank,
+        ranks=checkpoint.manifest.ranks,
+    )

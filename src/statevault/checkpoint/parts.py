@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from statevault.checkpoint.job import SaveJob
 from statevault.engine.plan import SavePlan
 from statevault.errors import DistributedSaveError
 from statevault.format.geometry import Box, GeometryError, check_chunks
@@ -27,6 +29,7 @@ from statevault.format.manifest import (
     TensorEntry,
     tensor_row_json,
 )
+from statevault.format.names import part_name, part_rank
 
 
 @dataclass
@@ -216,3 +219,64 @@ def _rewrite(
         return {k: walk(v, owner, slots) for k, v in value.items()}
 
     return walk(node, rank, [0])
+
+
+# ---- the parts on the storage ------------------------------------------------------------
+
+
+def part_of(job: SaveJob) -> Part:
+    chunks = {
+        leaf: {"offsets": list(job.plan.leaves[leaf].shard.offsets)}  # type: ignore[union-attr]
+        for leaf in job.tensor_rows
+        if job.plan.leaves[leaf].shard is not None
+    }
+    return Part(
+        job.rank,
+        files=list(job.file_rows),
+        rows=dict(job.tensor_rows),
+        chunks=chunks,
+        per_rank=per_rank_locals(job.plan.tree),
+        timings=dict(job.timings),
+    )
+
+
+def write_part(job: SaveJob, part: Part) -> None:
+    path = job.written.join(part_name(part.rank, job.committer.shard_tag())).path
+    job.written.storage.write_bytes(path, part.to_json())  # appears whole: rank 0 polls for it
+
+
+def collect_parts(job: SaveJob, world: int, timeout_s: float) -> list[Part]:
+    """Every other rank's part, read from the storage as it appears; a failed rank's part or
+    the timeout ends the wait with DistributedSaveError."""
+    tag = job.committer.shard_tag()
+    storage, directory = job.written.storage, job.written.path
+    found: dict[int, Part] = {}
+    deadline = time.monotonic() + timeout_s
+    pause = 0.002
+    while len(found) < world - 1:
+        for name in storage.list_dir(directory):
+            rank = part_rank(name, tag)
+            if rank is None or rank in found or not 0 < rank < world:
+                continue
+            path = job.written.join(name).path
+            part = part_from_json(storage.read_bytes(path, 0, storage.size(path)), rank)
+            if part.error is not None:
+                raise DistributedSaveError(f"rank {rank} failed: {part.error}", [rank])
+            found[rank] = part
+        if len(found) < world - 1:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(1, world)) - set(found))
+                raise DistributedSaveError(
+                    f"ranks {missing[:16]} did not finish their share within {timeout_s:.0f} s "
+                    "(dead or stuck); nothing was committed",
+                    missing,
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+    return [found[rank] for rank in range(1, world)]
+
+
+def remove_parts(job: SaveJob, world: int) -> None:
+    tag = job.committer.shard_tag()
+    for rank in range(1, world):
+        job.written.storage.remove_file(job.written.join(part_name(rank, tag)).path)

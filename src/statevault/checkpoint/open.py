@@ -1,0 +1,205 @@
+"""Open: one manifest read, local or remote, through the storage layer; no payload read.
+
+On a local disk the checkpoint's directory is opened once and everything is read through that
+descriptor (``openat``), so that an overwrite's swap of the directory can never mix two
+checkpoints (docs/FORMAT.md section 3.1). Example::
+
+    with open_checkpoint("ckpt/epoch10") as checkpoint:
+        print(len(checkpoint.manifest.tensors), "tensors")
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from statevault.checkpoint import commit
+from statevault.engine.reader import CheckpointReader
+from statevault.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from statevault.format.checksum import crc32c_of
+from statevault.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from statevault.format.names import MANIFEST_NAME
+from statevault.storage.local import open_read, read_into_fd
+from statevault.storage.location import Location, local_directory, resolve
+
+PathLike = str | os.PathLike[str]
+# A load or verify that finds its checkpoint replaced or deleted under it (an overwrite, a
+# retention) reads the one now at the path, at most this many times in all.
+READ_ATTEMPTS = 3
+
+
+@dataclass
+class OpenCheckpoint:
+    """A checkpoint whose manifest has been read and validated (no payload read yet).
+
+    On a local disk the checkpoint's directory is opened once (``dir_fd``) and every file is
+    read through that descriptor (``openat``): a concurrent ``save(overwrite=True)``, which
+    swaps the directory at the path, can never mix the old manifest with the new shards. Close
+    it (or use ``with``) when done; an unclosed one closes its descriptor when collected.
+    """
+
+    location: Location
+    manifest: Manifest
+    dir_fd: int | None = None
+    manifest_checksum: int = 0  # of the manifest's bytes, to tell whether it was replaced
+
+    @property
+    def directory(self) -> str:
+        """The checkpoint's path or URL, as messages show it."""
+        return self.location.url
+
+    @property
+    def reader(self) -> CheckpointReader:
+        return CheckpointReader(self.location, self.manifest, self.dir_fd)
+
+    def still_current(self) -> bool:
+        """Whether this is still the checkpoint at its path: False once it was replaced or
+        deleted while it was being read (its manifest is gone from the directory opened, or
+        the object store holds another manifest there now)."""
+        if self.dir_fd is not None:
+            try:
+                os.stat(MANIFEST_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            return True
+        if self.location.local:
+            return True
+        try:
+            data = _remote_manifest_bytes(self.location)
+        except CheckpointError:
+            return False
+        return crc32c_of(data) == self.manifest_checksum
+
+    def close(self) -> None:
+        fd, self.dir_fd = self.dir_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> OpenCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()  # closing a descriptor: no I/O to wait for
+
+
+def open_checkpoint(
+    path: PathLike | Location, storage_options: Mapping[str, Any] | None = None
+) -> OpenCheckpoint:
+    """The checkpoint at ``path`` with its manifest parsed and validated (no payload read)."""
+    location = resolve(path, storage_options)
+    if commit.is_temporary(location.name):
+        # A save in flight (or dead, or the old side of an overwrite): never a checkpoint,
+        # even once its manifest is written, until it is renamed to its final name.
+        raise CheckpointNotFoundError(f"{location.url} is an unfinished save, not a checkpoint")
+    if not location.local:
+        data = _remote_manifest_bytes(location)
+        manifest = parse_manifest(data, location.url)
+        return OpenCheckpoint(location, manifest, None, crc32c_of(data))
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        dir_fd = _open_directory(location.path)
+        try:
+            data = _local_manifest_bytes(dir_fd, location.path)
+            manifest = parse_manifest(data, location.path)
+        except CheckpointNotFoundError:
+            replaced = _replaced(dir_fd, location.path)
+            os.close(dir_fd)
+            if attempt == READ_ATTEMPTS or not replaced:
+                raise
+            continue  # the directory opened was swapped out and is being deleted: try again
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return OpenCheckpoint(location, manifest, dir_fd, crc32c_of(data))
+    raise AssertionError("unreachable")
+
+
+def _replaced(dir_fd: int, path: str) -> bool:
+    """Whether ``path`` names another directory now than the one open as ``dir_fd``."""
+    opened = os.fstat(dir_fd)
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino)
+
+
+def _open_directory(directory: str) -> int:
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}") from None
+    except OSError as exc:  # EACCES, ESTALE: there may well be a checkpoint; say so, never "none"
+        raise CheckpointError(
+            f"{directory}: cannot open the directory ({exc.strerror or exc}); check the "
+            "permissions and the mount"
+        ) from exc
+
+
+def _local_manifest_bytes(dir_fd: int, directory: str) -> bytes:
+    """manifest.json read through the directory's descriptor, as a plain file only."""
+    try:
+        mode = os.stat(MANIFEST_NAME, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}") from None
+    except OSError as exc:  # EACCES, ESTALE: there may well be a checkpoint; say so, never "none"
+        raise CheckpointError(
+            f"{directory}: cannot look for manifest.json ({exc.strerror or exc}); check the "
+            "permissions and the mount"
+        ) from exc
+    if not stat.S_ISREG(mode):  # a symlink, directory, FIFO...
+        raise CorruptCheckpointError(
+            f"{directory}: manifest.json is not a regular file (a symlink, directory or "
+            "device); statevault reads only plain files inside the checkpoint"
+        )
+    try:
+        fd = open_read(MANIFEST_NAME, dir_fd=dir_fd)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{directory}: cannot open manifest.json ({exc})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_MANIFEST_BYTES:  # refuse before allocating
+            raise CorruptCheckpointError(
+                f"{directory}: manifest.json is implausibly large ({size} B)"
+            )
+        data = bytearray(size)
+        read_into_fd(fd, 0, memoryview(data))
+    except (OSError, EOFError) as exc:
+        raise CorruptCheckpointError(f"{directory}: cannot read manifest.json ({exc})") from None
+    finally:
+        os.close(fd)
+    return bytes(data)
+
+
+def _remote_manifest_bytes(location: Location) -> bytes:
+    manifest = location.join(MANIFEST_NAME)
+    try:
+        size = location.storage.size(manifest.path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no committed checkpoint at {location.url}") from None
+    if size > MAX_MANIFEST_BYTES:  # refuse before allocating
+        raise CorruptCheckpointError(f"{location.url}: manifest.json is implausibly large")
+    try:
+        return location.storage.read_bytes(manifest.path, 0, size)
+    except FileNotFoundError:  # deleted since it was sized: a retention or an overwrite
+        raise CheckpointNotFoundError(f"no committed checkpoint at {location.url}") from None
+    except EOFError as exc:
+        raise CorruptCheckpointError(f"{location.url}: cannot read manifest.json ({exc})") from None
+
+
+def local_path(path: PathLike) -> str:
+    """The local directory a path or ``file://`` URL names, for what works on local disks only
+    (the manager, the run commands of the CLI); other URL schemes are refused."""
+    directory = local_directory(path)
+    if directory is None:
+        scheme = os.fspath(path).split("://", 1)[0]
+        raise CheckpointError(
+            f"{scheme}:// is not supported here yet: run directories must be local paths "
+            "(sv.save, sv.load and sv.verify accept URLs)"
+        )
+    return directory
