@@ -5,7 +5,7 @@ Part 1 (one process, no process group): each rank of an FSDP-style job (a Llama-
 parameters and both Adam moments are sharded on dim 0 over every rank, the optimizer's ``step``
 scalars replicated, a small per-rank RNG state) gets its own SavePlan of numpy leaves (zero-stride
 views: no data is allocated) and runs what a rank runs for a save: ``plan_digest`` (the
-agreement), ``leaves_to_write`` (its share), the file grouping (``DistributedSaver._files``, twice:
+agreement), ``leaves_to_write`` (its share), the file grouping (``Saver._files``, twice:
 the second save reuses the assignment), and builds and serializes its Part (what it sends). The
 rows a real write would return are made up with plausible values (offsets, checksums). Then the
 coordinator's work, on every rank's part bytes: ``part_from_json`` for each, ``merge`` (chunk
@@ -48,17 +48,13 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from statevault.distributed.parts import Part, merge, part_from_json
-from statevault.distributed.saver import (  # private: what a rank does, timed piece by piece
-    DistributedSaver,
-    _part_of,
-    _Proposal,
-    plan_digest,
-)
 
 from statevault.adapters import ArrayAdapter, adapter_named
 from statevault.adapters.base import ShardInfo
-from statevault.checkpoint.save import _Job
+from statevault.checkpoint.agree import Proposal, plan_digest
+from statevault.checkpoint.job import SaveJob
+from statevault.checkpoint.parts import Part, merge, part_from_json, part_of
+from statevault.checkpoint.save import Saver  # private parts: what a rank does, timed one by one
 from statevault.engine.assignment import leaves_to_write
 from statevault.engine.plan import Leaf, SavePlan
 from statevault.format import tree
@@ -192,7 +188,7 @@ def sim_state(shapes: list[tuple[str, tuple[int, ...]]], rank: int) -> dict[str,
 
 
 class _SimGroup:
-    """A Group with no process behind it: DistributedSaver._files only reads rank and size."""
+    """A Group with no process behind it: Saver._files only reads rank and size."""
 
     def __init__(self, rank: int, size: int) -> None:
         self.rank = rank
@@ -202,9 +198,9 @@ class _SimGroup:
         raise AssertionError("the simulation makes no collective call")
 
 
-def simulated_write(plan: SavePlan, files: list[list[int]], rank: int) -> _Job:
+def simulated_write(plan: SavePlan, files: list[list[int]], rank: int) -> SaveJob:
     """The rows a rank's write returns (files, tensor rows), with made-up checksums."""
-    job = _Job(
+    job = SaveJob(
         plan,
         cast(Any, None),
         False,
@@ -259,7 +255,7 @@ def plan_world(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     adapter = adapter_named("numpy")
-    saver = DistributedSaver(asynchronous=False, group=_SimGroup(0, world))
+    saver = Saver(asynchronous=False, group=_SimGroup(0, world))
     phases: dict[str, list[float]] = {
         k: [] for k in ("plan", "digest", "leaves_to_write", "files_first", "files_reused", "part")
     }
@@ -286,14 +282,14 @@ def plan_world(
         assert again == files and sorted(i for f in files for i in f) == mine
         job = simulated_write(plan, files, rank)
         t6 = time.perf_counter()
-        blob = _part_of(job).to_json()
+        blob = part_of(job).to_json()
         t7 = time.perf_counter()
         for key, value in zip(
             phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t7 - t6), strict=True
         ):
             phases[key].append(value)
         part_bytes.append(len(blob))
-        proposal_bytes.append(len(pickle.dumps(_Proposal(digest, keys))))
+        proposal_bytes.append(len(pickle.dumps(Proposal(digest, keys))))
         leaves_written.append(len(mine))
         blobs.append(blob)
         if rank == 0:
