@@ -34,7 +34,7 @@ from statevault.errors import CheckpointNotFoundError
 from statevault.manager.index import RunScan, scan_run
 from statevault.manager.leftovers import survey
 from statevault.manager.naming import parse_step
-from statevault.manager.retention import RetentionPolicy
+from statevault.manager.retention import RetentionPolicy, retention_reasons
 from statevault.storage.local import LocalStorage
 from statevault.storage.location import Location
 
@@ -142,7 +142,7 @@ def outside_retention(
     if header.run_id is None:
         notes.append("no run.json: cannot tell this run's checkpoints, none deleted by retention")
         return []
-    _, deletable = runs.retention_reasons(scan, header.run_id, policies)
+    _, deletable = retention_reasons(scan, header.run_id, policies)
     reason = f"outside retention ({runs.describe_policies(policies)})"
     return [
         _item(run_dir, os.path.basename(scan.records[step].path), "checkpoint", reason)

@@ -51,9 +51,12 @@ from statevault.cli.common import (
     is_url,
 )
 from statevault.errors import CheckpointNotFoundError
+from statevault.manager.holder import Holder, live_holder
 from statevault.manager.index import CheckpointRecord, RunScan
 from statevault.manager.leftovers import RUN_FILE_TEMPORARY
 from statevault.manager.naming import parse_step
+from statevault.manager.retention import retention_reasons
+from statevault.storage.location import resolve
 
 if TYPE_CHECKING:
     from statevault.cli.common import Subparsers
@@ -131,16 +134,16 @@ class RunView:
     scan: RunScan
     kept: dict[int, list[str]] | None  # None: no policy given
     retention: str | None
-    writer: runs.Holder | None
+    writer: Holder | None
 
 
 def read_view(path: str, args: argparse.Namespace) -> RunView:
     policies = runs.policies_from_args(args)
     header = runs.read_header(path)
     scan = runs.scan_stable(path)
-    kept = runs.retention_reasons(scan, header.run_id, policies)[0] if policies else None
+    kept = retention_reasons(scan, header.run_id, policies)[0] if policies else None
     retention = runs.describe_policies(policies) if policies else None
-    return RunView(header, scan, kept, retention, runs.live_holder(path))
+    return RunView(header, scan, kept, retention, live_holder(resolve(path)))
 
 
 def read_remote_view(args: argparse.Namespace) -> RunView:
@@ -151,9 +154,9 @@ def read_remote_view(args: argparse.Namespace) -> RunView:
     policies = runs.policies_from_args(args)
     header = runs.read_header(run.url, run)
     scan = remote_runs.scan(run)
-    kept = runs.retention_reasons(scan, header.run_id, policies)[0] if policies else None
+    kept = retention_reasons(scan, header.run_id, policies)[0] if policies else None
     retention = runs.describe_policies(policies) if policies else None
-    return RunView(header, scan, kept, retention, runs.live_holder(run))
+    return RunView(header, scan, kept, retention, live_holder(run))
 
 
 def run_document(view: RunView) -> dict[str, Any]:

@@ -14,16 +14,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from statevault.checkpoint.commit import remove_checkpoint
 from statevault.cli import render, runs
 from statevault.cli.common import ExitCode, storage_options
 from statevault.cli.rm_cmd import Deletion, Found, deletion_document, show
-from statevault.errors import CheckpointNotFoundError, RunLockedError
+from statevault.errors import CheckpointNotFoundError
+from statevault.manager.holder import refuse_if_held
 from statevault.manager.index import RunScan, scan_run
 from statevault.manager.leftovers import is_statevault_upload, survey
 from statevault.manager.naming import LOCK_FILE, RUN_FILE, parse_step, step_dir_name
-from statevault.manager.retention import RetentionPolicy
-from statevault.manager.rundir import DEFAULT_STALE_AFTER_SECONDS
+from statevault.manager.retention import RetentionPolicy, retention_reasons
+from statevault.manager.rundir import DEFAULT_STALE_AFTER_SECONDS, RunDir
 from statevault.storage.location import Location, resolve
 
 
@@ -42,15 +42,6 @@ def open_run(url: str, args: argparse.Namespace) -> Location:
 
 def scan(run: Location) -> RunScan:
     return scan_run(run)
-
-
-def refuse_if_held(run: Location, force: bool) -> None:
-    holder = runs.live_holder(run)
-    if holder is not None and not force:
-        raise RunLockedError(
-            f"the run at {run.url} is held by a live CheckpointManager ({holder.describe()}); "
-            "stop it first, or pass --force if you are sure that nothing writes the run"
-        )
 
 
 def rm(args: argparse.Namespace) -> int:
@@ -106,7 +97,7 @@ def gc(args: argparse.Namespace, policies: list[RetentionPolicy]) -> int:
             found.notes.append(f"kept damaged {name} for inspection; --corrupt deletes it")
     if policies:
         header = runs.read_header(run.url, run)
-        _, deletable = runs.retention_reasons(RunScan(records, []), header.run_id, policies)
+        _, deletable = retention_reasons(RunScan(records, []), header.run_id, policies)
         reason = f"outside retention ({runs.describe_policies(policies)})"
         for step in deletable:
             record = records[step]
@@ -139,8 +130,8 @@ def carry_out(
 
 
 def delete(run: Location, items: Sequence[Deletion]) -> None:
-    """Each prefix, its manifest first (it stops being a checkpoint before anything else) and
-    its marker last (commit.remove_checkpoint)."""
+    """Each prefix by the manager's rule (RunDir.remove: the manifest first, the marker last)."""
+    directory = RunDir(run)
     for item in items:
-        remove_checkpoint(run.join(item.name))
+        directory.remove(item.name)
         item.deleted = True

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from statevault.checkpoint import local_path, open_checkpoint
-from statevault.checkpoint.commit import ownership, remove_checkpoint
+from statevault.checkpoint.commit import ownership
 from statevault.cli import render, runs
 from statevault.cli.common import (
     ExitCode,
@@ -40,9 +40,11 @@ from statevault.cli.common import (
     is_url,
 )
 from statevault.errors import CheckpointError, CheckpointNotFoundError
+from statevault.manager.holder import maintenance
 from statevault.manager.naming import is_temporary_name, parse_step, step_dir_name
+from statevault.manager.rundir import RunDir
 from statevault.storage.local import LocalStorage, fsync_dir
-from statevault.storage.location import Location
+from statevault.storage.location import Location, resolve
 
 if TYPE_CHECKING:
     from statevault.cli.common import Subparsers
@@ -207,7 +209,7 @@ def carry_out(
     console = render.make_console()
     with contextlib.ExitStack() as stack:
         for run_dir in run_dirs:
-            stack.enter_context(runs.exclusive_run(run_dir, force=args.force))
+            stack.enter_context(maintenance(resolve(run_dir), force=args.force))
         found = find()
         if args.yes:
             delete(found.items, console, show_progress=not args.json)
@@ -231,13 +233,10 @@ def delete(items: list[Deletion], console: Console, *, show_progress: bool) -> N
 
 
 def remove(path: str) -> None:
-    """Delete one item: a checkpoint stops being one first (its manifest goes first, its
-    marker last: commit.remove_checkpoint), so an interrupted ``rm`` is swept later."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        remove_checkpoint(Location(LocalStorage(), path, path))
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    """Delete one item by the manager's rule (RunDir.remove): a checkpoint stops being one
+    first and keeps its marker to the last, so an interrupted ``rm`` is swept later."""
+    parent, name = os.path.split(path)
+    RunDir(parent).remove(name)
 
 
 def deletion_document(found: Found) -> dict[str, Any]:

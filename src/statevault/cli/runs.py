@@ -2,13 +2,13 @@
 
 - what a path is: a checkpoint, a run directory, or a root holding run directories;
 - a run's header (``run.json``: name, config, sessions, lineage) and its one-line summary;
-- the writer lock seen from outside: :func:`live_holder` only reads the holder record (``ls``
-  never takes the lock, so it works beside a training job); :func:`exclusive_run` takes the
-  OS lock for as long as ``rm``/``gc`` delete, and refuses when a live manager holds it;
-- retention flags turned into the manager's policies, and why each checkpoint is kept;
+- retention flags turned into the manager's policies;
 - a progress bar shown only where someone watches (a terminal, not ``--json``).
 
-Everything here reads manifests and small JSON files, never tensor payload.
+Everything here reads manifests and small JSON files, never tensor payload. The run's rules are
+the manager's, never re-implemented here: who holds a run (manager/holder.py), what is
+garbage (manager/leftovers.py), how a checkpoint is deleted (RunDir.remove) and why retention
+keeps a checkpoint (manager/retention.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import errno
-import fcntl
-import json
 import os
 import re
-import socket
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,18 +25,16 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.progress import Progress
 
-from statevault.errors import CheckpointError, RunLockedError
+from statevault.errors import CheckpointError
 from statevault.format.manifest import ENVELOPE_PREFIX
 from statevault.format.names import MANIFEST_NAME
 from statevault.manager.index import CheckpointRecord, RunScan, scan_run
-from statevault.manager.lock import pid_alive
 from statevault.manager.naming import LOCK_FILE, RUN_FILE, is_temporary_name, parse_step
 from statevault.manager.retention import (
     KeepBest,
     KeepEveryNSteps,
     KeepLatest,
     RetentionPolicy,
-    decide,
 )
 from statevault.manager.run import decoded_config, read_run
 from statevault.storage.location import Location
@@ -341,25 +334,6 @@ def policies_from_args(args: argparse.Namespace) -> list[RetentionPolicy]:
     return policies
 
 
-def retention_reasons(
-    scan: RunScan, run_id: str | None, policies: Sequence[RetentionPolicy]
-) -> tuple[dict[int, list[str]], list[int]]:
-    """Why each committed checkpoint is kept, and the steps the policies would delete.
-
-    As the manager decides: the newest committed checkpoint is always kept, and only this run's
-    own checkpoints count (one written by another run, or by ``sv.save``, is never deleted).
-    """
-    committed = scan.committed()
-    own = [r for r in committed if run_id is not None and r.run_id == run_id]
-    protected = {committed[-1].step: "newest"} if committed else {}
-    kept, deletable = decide(own, policies, protected)
-    own_steps = {r.step for r in own}
-    for record in committed:
-        if record.step not in own_steps:
-            kept[record.step] = ["written by another run"]
-    return kept, deletable
-
-
 def describe_policies(policies: Sequence[RetentionPolicy]) -> str:
     """``"latest 3, every 1000 steps, best 2 by loss (min)"``; ``"—"`` without policies."""
     words = []
@@ -373,112 +347,6 @@ def describe_policies(policies: Sequence[RetentionPolicy]) -> str:
         else:
             words.append(repr(policy))
     return ", ".join(words) or "—"
-
-
-# ---- the writer lock, from outside ------------------------------------------------------------
-
-
-@dataclass
-class Holder:
-    host: str | None
-    pid: int | None
-    heartbeat: float | None
-    lease_seconds: float
-
-    def describe(self) -> str:
-        return f"pid {self.pid} on {self.host}"
-
-    def live(self) -> bool:
-        """The lock rule without the lock: a live pid here, or a fresh heartbeat elsewhere."""
-        if self.heartbeat is None:
-            return False
-        if self.host == socket.gethostname():
-            return self.pid is not None and pid_alive(self.pid)
-        return time.time() - self.heartbeat < self.lease_seconds
-
-
-def read_holder(run: str | Location) -> Holder | None:
-    """The holder recorded in the lock file (a released lock leaves it empty), or in the lease
-    object of a run at a URL (a released lease is deleted)."""
-    try:
-        if isinstance(run, Location):
-            lease = run.join(LOCK_FILE)
-            size = run.storage.size(lease.path)
-            record = json.loads(run.storage.read_bytes(lease.path, 0, min(size, 4096)) or b"null")
-        else:
-            with open(os.path.join(run, LOCK_FILE), "rb") as handle:
-                record = json.loads(handle.read(4096) or b"null")
-    except (OSError, EOFError, ValueError):
-        return None
-    if not isinstance(record, dict):
-        return None
-    return Holder(
-        host=_str_or(record.get("host"), None),
-        pid=record.get("pid") if type(record.get("pid")) is int else None,
-        heartbeat=_number_or_none(record.get("heartbeat")),
-        lease_seconds=_number_or_none(record.get("lease_seconds")) or _DEFAULT_LEASE_SECONDS,
-    )
-
-
-def _number_or_none(value: Any) -> float | None:
-    return float(value) if type(value) in (int, float) else None
-
-
-def live_holder(run: str | Location) -> Holder | None:
-    """Who writes the run now, judged from the holder record alone (takes no lock)."""
-    holder = read_holder(run)
-    return holder if holder is not None and holder.live() else None
-
-
-@contextlib.contextmanager
-def exclusive_run(run: str, *, force: bool) -> Iterator[None]:
-    """Hold the run's OS lock while the block runs, so that no manager starts meanwhile.
-
-    Raises RunLockedError naming the holder when a live manager writes the run; ``force`` skips
-    the check (and the lock) altogether.
-    """
-    path = os.path.join(run, LOCK_FILE)
-    if force or not os.path.isfile(path):
-        yield
-        return
-    # Read-write, as the manager opens it: NFS emulates flock with POSIX locks, and an
-    # exclusive POSIX lock needs a descriptor open for writing. Nothing is written.
-    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if not _try_flock(fd, run):  # no flock on this filesystem: the heartbeat rule decides
-            _refuse_if_live(run, read_holder(run))
-        elif (holder := read_holder(run)) is not None and holder.host != socket.gethostname():
-            _refuse_if_live(run, holder)  # flock is not shared across nodes on some mounts
-        yield
-    finally:
-        os.close(fd)  # drops the lock
-
-
-def _try_flock(fd: int, run: str) -> bool:
-    """Take the OS lock; False where the filesystem has none; RunLockedError when held."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _locked(run, read_holder(run)) from None
-    except OSError as exc:
-        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
-        return False
-    return True
-
-
-def _refuse_if_live(run: str, holder: Holder | None) -> None:
-    if holder is not None and holder.live():
-        raise _locked(run, holder)
-
-
-def _locked(run: str, holder: Holder | None) -> RunLockedError:
-    who = holder.describe() if holder is not None else "another process"
-    return RunLockedError(
-        f"the run at {run} is held by a live CheckpointManager ({who}); stop it first, or "
-        "pass --force if you are sure that nothing writes the run"
-    )
-    return True
 
 
 # ---- progress ---------------------------------------------------------------------------------

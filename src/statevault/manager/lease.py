@@ -40,7 +40,7 @@ import weakref
 from typing import Any
 
 from statevault.errors import RunLockedError
-from statevault.manager.lock import DEFAULT_LEASE_SECONDS, pid_alive
+from statevault.manager.holder import DEFAULT_LEASE_SECONDS, Holder
 from statevault.storage.location import Location
 
 DEFAULT_SETTLE_SECONDS = 0.5
@@ -115,17 +115,10 @@ class LeaseLock:
                 if holder is not None and holder.get("owner") == self.owner:
                     self.where.storage.remove_file(self.where.path)
 
-    def _live(self, holder: dict[str, Any]) -> bool:
-        heartbeat = holder.get("heartbeat")
-        if not isinstance(heartbeat, (int, float)):
-            return False
-        if holder.get("host") == self.host:
-            pid = holder.get("pid")
-            if isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid):
-                return False
-        lease = holder.get("lease_seconds")
-        lease = float(lease) if isinstance(lease, (int, float)) else self.lease_seconds
-        return time.time() - heartbeat < lease
+    def _live(self, record: dict[str, Any]) -> bool:
+        """The one rule of holder.py (the lock and the command line apply it too)."""
+        holder = Holder.from_record(record, self.lease_seconds)
+        return holder is not None and holder.live(acquiring=True)
 
     def _record(self) -> bytes:
         record = {

@@ -6,10 +6,11 @@ Rule (documented in the README):
    moment the process dies (SIGKILL, OOM), so on a local disk a restarted job never waits.
 2. The file also records the holder (host, pid, start) and a heartbeat the holder rewrites every
    ``lease_seconds / 4``. A filesystem whose flock is not shared between nodes (some NFS, CIFS
-   and Lustre mounts) cannot see another node's lock; there the heartbeat decides: a record from
-   another host whose heartbeat is younger than ``lease_seconds`` means the run is taken. A
-   record whose heartbeat is older, or from this host whose pid is no longer alive, is stale and
-   is taken over.
+   and Lustre mounts) cannot see another node's lock; there the record decides, by the one rule
+   of holder.py (which the lease and the command line apply too): a record from another host
+   whose heartbeat is younger than its ``lease_seconds`` means the run is taken; a record whose
+   heartbeat is older, or from this host whose pid is no longer alive, is stale and is taken
+   over.
 3. The lock dies with its holder, not with its holder's children. The descriptor is opened
    ``O_CLOEXEC`` (a program started with exec never inherits it), and a fork hook closes the
    child's copy of it (a ``multiprocessing`` fork or a DataLoader worker would otherwise keep
@@ -28,11 +29,18 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any
 
 from statevault.errors import RunLockedError
+from statevault.manager.holder import (
+    DEFAULT_LEASE_SECONDS,
+    RECORD_LIMIT,
+    Holder,
+    parse_record,
+    pid_alive,
+)
 
-DEFAULT_LEASE_SECONDS = 60.0
+__all__ = ["DEFAULT_LEASE_SECONDS", "RunLock", "pid_alive"]
+
 # Lock files held by this process: without flock, a record naming our own pid is ours only if
 # we still hold it, and a second manager of this process must be refused like any other.
 _HELD_HERE: set[str] = set()
@@ -55,12 +63,13 @@ class RunLock:
     def acquire(self) -> None:
         key = os.path.realpath(self.path)
         if key in _HELD_HERE:
-            raise RunLockedError(_describe(self.path, {"pid": os.getpid(), "host": self.host}))
+            here = Holder(self.host, os.getpid(), time.time(), self.lease_seconds)
+            raise RunLockedError(_describe(self.path, here))
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             flocked = self._flock(fd)
-            holder = _read_holder(fd)
-            if holder is not None and self._held_elsewhere(holder, flocked):
+            holder = _read_holder(fd, self.lease_seconds)
+            if holder is not None and holder.live(flocked=flocked, acquiring=True):
                 raise RunLockedError(_describe(self.path, holder))
         except BaseException:
             os.close(fd)
@@ -92,24 +101,14 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunLockedError(_describe(self.path, _read_holder(fd))) from None
+            raise RunLockedError(
+                _describe(self.path, _read_holder(fd, self.lease_seconds))
+            ) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             return False  # no flock here: the heartbeat lease alone protects the run
         return True
-
-    def _held_elsewhere(self, holder: dict[str, Any], flocked: bool) -> bool:
-        """Whether a holder record left in the file belongs to a live writer (rule 2)."""
-        heartbeat = holder.get("heartbeat")
-        if not isinstance(heartbeat, (int, float)):
-            return False
-        if holder.get("host") == self.host:
-            if flocked:
-                return False  # on one host the flock we got is authoritative: holder is gone
-            pid = holder.get("pid")
-            return isinstance(pid, int) and pid != os.getpid() and pid_alive(pid)
-        return time.time() - heartbeat < self.lease_seconds
 
     def _write_holder(self) -> None:
         if self.fd is None:
@@ -150,30 +149,15 @@ def _forget_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
-def _read_holder(fd: int) -> dict[str, Any] | None:
+def _read_holder(fd: int, default_lease_seconds: float) -> Holder | None:
     try:
-        data = os.pread(fd, 4096, 0)
-        holder = json.loads(data.decode()) if data.strip() else None
-    except (OSError, ValueError):
+        return parse_record(os.pread(fd, RECORD_LIMIT, 0), default_lease_seconds)
+    except OSError:
         return None
-    return holder if isinstance(holder, dict) else None
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _describe(path: str, holder: dict[str, Any] | None) -> str:
-    who = "another process"
-    if holder:
-        who = f"pid {holder.get('pid')} on {holder.get('host')}"
+def _describe(path: str, holder: Holder | None) -> str:
+    who = holder.describe() if holder is not None else "another process"
     return (
         f"the run at {os.path.dirname(path)} is being written by {who} "
         f"(lock {path}); only one CheckpointManager may write a run at a time"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from statevault.manager import options
-from statevault.manager.index import CheckpointRecord
+from statevault.manager.index import CheckpointRecord, RunScan
 
 Mode = Literal["min", "max"]
 
@@ -121,3 +121,22 @@ def policies_from_options(
     if best_metric is not None:
         policies.append(KeepBest(best_metric, best_mode, keep_best))
     return policies
+
+
+def retention_reasons(
+    scan: RunScan, run_id: str | None, policies: Sequence[RetentionPolicy]
+) -> tuple[dict[int, list[str]], list[int]]:
+    """Why each committed checkpoint is kept, and the steps the policies would delete.
+
+    As the manager decides: the newest committed checkpoint is always kept, and only this run's
+    own checkpoints count (one written by another run, or by ``sv.save``, is never deleted).
+    """
+    committed = scan.committed()
+    own = [r for r in committed if run_id is not None and r.run_id == run_id]
+    protected = {committed[-1].step: "newest"} if committed else {}
+    kept, deletable = decide(own, policies, protected)
+    own_steps = {r.step for r in own}
+    for record in committed:
+        if record.step not in own_steps:
+            kept[record.step] = ["written by another run"]
+    return kept, deletable

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from statevault.checkpoint import commit
+from statevault.format.names import MANIFEST_NAME
 from statevault.manager.index import RunScan, scan_run
 from statevault.manager.lease import LeaseLock
 from statevault.manager.leftovers import is_statevault_upload, survey
@@ -52,7 +53,7 @@ class RunDir:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Location,
         storage_options: Mapping[str, Any] | None = None,
         stale_after_seconds: float = DEFAULT_STALE_AFTER_SECONDS,
     ) -> None:
@@ -105,12 +106,27 @@ class RunDir:
     # ---- changes ---------------------------------------------------------------------------
 
     def delete(self, path: str) -> None:
-        """Delete a committed checkpoint; it stops being committed first (no half of it stays
-        committed)."""
-        if self.local:
-            commit.delete_committed(path)
+        """Delete the checkpoint at ``path`` (a path or URL of this run): :meth:`remove`."""
+        self.remove(path.rstrip("/").rsplit("/", 1)[-1])
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` of this run by the rules every deletion follows (the manager's
+        retention and sweep, ``statevault rm`` and ``gc``): a committed checkpoint stops being
+        one first (locally renamed to a temporary in one atomic step, on a store its manifest
+        goes first), the marker goes last (commit.remove_checkpoint), and a small file of the
+        run (a ``run.json`` temporary) is unlinked. Deciding *whether* something may be
+        deleted is the caller's (leftovers.py, commit.ownership)."""
+        where = self.location.join(name)
+        if not self.local:
+            commit.remove_checkpoint(where)
+        elif not os.path.isdir(where.path) or os.path.islink(where.path):
+            where.storage.remove_file(where.path)
+        elif os.path.isfile(os.path.join(where.path, MANIFEST_NAME)) and not commit.is_temporary(
+            name
+        ):
+            commit.delete_committed(where.path)
         else:
-            commit.remove_checkpoint(self._child(path))
+            commit.remove_checkpoint(where)
 
     def write_side_file(self, checkpoint_path: str, name: str, data: bytes) -> None:
         """Write a small file beside a checkpoint's manifest, atomically."""
@@ -149,12 +165,11 @@ class RunDir:
         for note in found.young:
             logger.info("statevault: %s: leaving %s", self.url, note)
         for item in found.garbage:
-            where = self.location.join(item.name)
-            logger.info("statevault: removing leftover of an interrupted save: %s", where.url)
-            if item.kind == "run-file":
-                where.storage.remove_file(where.path)
-            else:
-                commit.remove_checkpoint(where)
+            logger.info(
+                "statevault: removing leftover of an interrupted save: %s",
+                self.location.join(item.name).url,
+            )
+            self.remove(item.name)
         foreign = found.foreign_note()
         if foreign is not None:
             warnings.warn(f"statevault: {self.url}: {foreign}", stacklevel=4)
