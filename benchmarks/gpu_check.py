@@ -64,7 +64,10 @@ def check_async_mutation(state: Any, directory: str, device: str, budget: int | 
 
     load_device = device if device != "cpu" else None
     with sv.CheckpointManager(
-        directory, async_save=True, staging_budget_bytes=budget, save_on_preemption=False
+        directory,
+        async_save=True,
+        options=sv.RunOptions(staging_budget_bytes=budget),
+        save_on_preemption=False,
     ) as manager:
         manager.restore(into=state)
         for step in (1, 2):

@@ -260,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         best_metric="loss",
         save_interval_steps=args.save_every,
         async_save=True,
-        run_metadata={"program": "train_lm", "steps": args.steps, "save_every": args.save_every},
+        options=sv.RunOptions(
+            metadata={"program": "train_lm", "steps": args.steps, "save_every": args.save_every}
+        ),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

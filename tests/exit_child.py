@@ -119,8 +119,7 @@ def run_manager(entry: str, root: str, store: str, ending: str, local_dir: str) 
         mgr = sv.CheckpointManager(
             local_dir,
             async_save=True,
-            replicate_to=root,
-            replica_storage_options=storage,
+            replicate_to=sv.Replica(root, storage_options=storage),
             max_to_keep=2,
         )
     else:

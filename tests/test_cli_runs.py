@@ -72,7 +72,8 @@ LOSSES = {10: 0.9, 20: 0.5, 30: 0.7, 40: 0.6}
 def run_dir(tmp_path: Path) -> Path:
     """A run of four committed checkpoints with a loss each; step 20 annotated later."""
     path = tmp_path / "runs" / "exp1"
-    with sv.CheckpointManager(path, max_to_keep=None, run_metadata={"lr": 0.1}) as mgr:
+    config = sv.RunOptions(metadata={"lr": 0.1})
+    with sv.CheckpointManager(path, max_to_keep=None, options=config) as mgr:
         save_steps(mgr, LOSSES, {s: {"loss": loss} for s, loss in LOSSES.items()})
         mgr.annotate(20, {"val_acc": 0.91})
     return path
@@ -221,7 +222,9 @@ def test_ls_root_lists_runs_with_latest_and_best(tmp_path: Path, cli: Run) -> No
     with sv.CheckpointManager(root / "a", max_to_keep=None) as mgr:
         metrics = {1: {"loss": 3.0, "acc": 0.1}, 2: {"loss": 1.0, "acc": 0.5}}
         save_steps(mgr, [1, 2, 3], {**metrics, 3: {"loss": 2.0, "acc": 0.4}})
-    with sv.CheckpointManager(root / "b", max_to_keep=None, name="second") as mgr:
+    with sv.CheckpointManager(
+        root / "b", max_to_keep=None, options=sv.RunOptions(name="second")
+    ) as mgr:
         save_steps(mgr, [5, 7], {5: {"loss": 0.5, "acc": 0.9}, 7: {"loss": 0.25, "acc": 0.8}})
     (root / "notes").mkdir()  # not a run: not listed
     doc = cli_json(cli, "ls", root)

@@ -284,7 +284,8 @@ def _run_problems(case: Case, options: dict[str, Any] | None) -> list[str]:
 def _reopen_problems(run: str, options: dict[str, Any] | None) -> list[str]:
     """A new manager sweeps what the dead one left; afterwards nothing of statevault's is
     left over, and the newest checkpoint restores."""
-    with sv.CheckpointManager(run, storage_options=options, stale_after_seconds=0) as mgr:
+    quick_sweep = sv.RunOptions(stale_after_seconds=0)
+    with sv.CheckpointManager(run, storage_options=options, options=quick_sweep) as mgr:
         steps = mgr.all_steps()
         restored = mgr.restore()
     scan = scan_run(resolve(run, options))

@@ -227,7 +227,9 @@ def test_a_sweep_aborts_only_statevaults_own_stale_uploads(s3_bucket: Any) -> No
         s3_bucket.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
     run = f"{s3_bucket.url}/run"
     options = s3_bucket.storage_options
-    with sv.CheckpointManager(run, storage_options=options, stale_after_seconds=0):
+    with sv.CheckpointManager(
+        run, storage_options=options, options=sv.RunOptions(stale_after_seconds=0)
+    ):
         pass
     pending = set(s3_bucket.pending_multipart_uploads())
     assert pending == {key for key, whose in keys.items() if whose == "foreign"}

@@ -365,7 +365,7 @@ def test_run_json_records_config_sessions_and_resume(
     monkeypatch.chdir(tmp_path / "repo")
     run = tmp_path / "run"
     config = {"lr": 0.001, "layers": [4, 8], "name": "baseline"}
-    with sv.CheckpointManager(run, run_metadata=config, name="exp1") as mgr:
+    with sv.CheckpointManager(run, options=sv.RunOptions(name="exp1", metadata=config)) as mgr:
         run_id = mgr.run_id
         save_steps(mgr, [1, 2])
     first = read_run(run)
@@ -468,7 +468,7 @@ def test_a_manager_that_fails_to_open_releases_the_lock_cleanly(tmp_path: Path) 
     sys.unraisablehook = lambda u: unraisable.append(u.exc_value)
     try:
         with pytest.raises(sv.UnsupportedValueError, match="run_metadata"):
-            sv.CheckpointManager(run, run_metadata={"bad": object()})
+            sv.CheckpointManager(run, options=sv.RunOptions(metadata={"bad": object()}))
         gc.collect()
     finally:
         sys.unraisablehook = previous_hook

@@ -74,11 +74,12 @@ def test_max_to_keep_none_keeps_every_checkpoint(tmp_path: Path) -> None:
         ({"best_mode": "lowest", "best_metric": "loss"}, ValueError, "best_mode must be"),
         ({"save_interval_steps": 0}, ValueError, "save_interval_steps must be None"),
         ({"save_interval_seconds": -5}, ValueError, "save_interval_seconds must be > 0"),
-        ({"lease_seconds": 0}, ValueError, "lease_seconds must be > 0"),
-        ({"replicate_to": "memory://x/run", "replicate_every": 0}, ValueError, "replicate_every"),
-        ({"replicate_to": "memory://x/run", "replica_max_to_keep": 0}, ValueError, "max_to_keep"),
-        ({"staging_budget_bytes": 0}, ValueError, "staging_budget_bytes must be >= 1"),
-        ({"name": 7}, TypeError, "name must be a string"),
+        ({"options": {"lease_seconds": 5}}, TypeError, "options takes an sv.RunOptions"),
+        ({"replicate_to": 7}, TypeError, "replicate_to takes a URL, a path or an sv.Replica"),
+        ({"retention": [sv.KeepLatest(2)], "max_to_keep": 2}, ValueError, "not both"),
+        ({"retention": [sv.KeepLatest(2)], "max_to_keep": 3}, ValueError, "max_to_keep"),
+        ({"retention": [sv.KeepLatest(2)], "best_metric": "loss"}, ValueError, "best_metric"),
+        ({"retention": ["latest"]}, TypeError, "retention= takes policies"),
     ],
 )
 def test_options_are_checked_in_the_constructor(
@@ -87,6 +88,58 @@ def test_options_are_checked_in_the_constructor(
     with pytest.raises(error, match=pattern):
         sv.CheckpointManager(tmp_path / "run", **options)
     assert not (tmp_path / "run").exists(), "a refused manager creates nothing"
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "pattern"),
+    [
+        (lambda: sv.RunOptions(lease_seconds=0), ValueError, r"lease_seconds\) must be > 0"),
+        (lambda: sv.RunOptions(stale_after_seconds=-1), ValueError, "stale_after_seconds"),
+        (lambda: sv.RunOptions(staging_budget_bytes=0), ValueError, "staging_budget_bytes"),
+        (lambda: sv.RunOptions(name=7), TypeError, r"name\) must be a string"),
+        (lambda: sv.Replica("memory://x/run", every=0), ValueError, "every"),
+        (lambda: sv.Replica("memory://x/run", max_to_keep=0), ValueError, "max_to_keep"),
+        (
+            lambda: sv.Replica("memory://x/run", max_to_keep=2, retention=[sv.KeepLatest(1)]),
+            ValueError,
+            "Replica: pass either retention",
+        ),
+    ],
+)
+def test_replica_and_run_options_are_checked_where_they_are_made(
+    make: Any, error: type[Exception], pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        make()
+
+
+def test_the_constructor_takes_at_most_fourteen_parameters() -> None:
+    import inspect
+
+    parameters = list(inspect.signature(sv.CheckpointManager.__init__).parameters)[1:]
+    assert len(parameters) <= 14, parameters
+
+
+def test_a_plain_url_is_shorthand_for_a_replica(tmp_path: Path, memory_root: str) -> None:
+    with sv.CheckpointManager(tmp_path / "fast", replicate_to=f"{memory_root}/run") as mgr:
+        mgr.save(1, small_state(1))
+        mgr.wait()
+        assert mgr.replica_steps() == [1]
+    with sv.CheckpointManager(
+        tmp_path / "other",
+        replicate_to=sv.Replica(f"{memory_root}/run2", retention=[sv.KeepLatest(1)]),
+    ) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, small_state(step))
+        mgr.wait()
+        assert mgr.replica_steps() == [3]
+
+
+def test_retention_list_alone_is_used(tmp_path: Path) -> None:
+    with sv.CheckpointManager(tmp_path / "run", retention=[sv.KeepEveryNSteps(2)]) as mgr:
+        for step in range(5):
+            mgr.save(step, small_state(step))
+        assert mgr.all_steps() == [0, 2, 4]
 
 
 @pytest.mark.parametrize(

@@ -109,7 +109,8 @@ def test_manifest_less_prefix_is_swept_only_once_old(s3_bucket: S3Bucket) -> Non
         restored = mgr.restore()
         assert restored is not None and restored.step == 1
     assert s3_bucket.fs.exists(orphan), "a young manifest-less prefix may be a save in flight"
-    with sv.CheckpointManager(run, storage_options=options, stale_after_seconds=0.0) as mgr:
+    quick_sweep = sv.RunOptions(stale_after_seconds=0.0)
+    with sv.CheckpointManager(run, storage_options=options, options=quick_sweep) as mgr:
         assert mgr.all_steps() == [1]
     assert not s3_bucket.fs.exists(orphan), "an old one is swept"
 
@@ -187,7 +188,7 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(s3_bucket: S
 def test_a_lost_lease_stops_the_next_save(s3_bucket: S3Bucket) -> None:
     run = f"{s3_bucket.url}/run"
     with sv.CheckpointManager(
-        run, storage_options=s3_bucket.storage_options, lease_seconds=0.4
+        run, storage_options=s3_bucket.storage_options, options=sv.RunOptions(lease_seconds=0.4)
     ) as mgr:
         _save(mgr, [1])
         # Someone takes the run over. A taker holds the run only if its record is still there

@@ -29,13 +29,16 @@ from tests.s3_server import S3Bucket, has_manifest, objects_under, record_s3_cal
 pytestmark = pytest.mark.s3
 
 
-def _manager(local: Path, bucket: S3Bucket, **options: Any) -> sv.CheckpointManager:
-    return sv.CheckpointManager(
-        local,
-        replicate_to=f"{bucket.url}/run",
-        replica_storage_options=bucket.storage_options,
-        **options,
+def _manager(
+    local: Path, bucket: S3Bucket, every: int = 1, replica_max_to_keep: int = 3, **options: Any
+) -> sv.CheckpointManager:
+    replica = sv.Replica(
+        f"{bucket.url}/run",
+        every=every,
+        max_to_keep=replica_max_to_keep,
+        storage_options=bucket.storage_options,
     )
+    return sv.CheckpointManager(local, replicate_to=replica, **options)
 
 
 def _committed_on_s3(bucket: S3Bucket) -> list[int]:
@@ -47,7 +50,7 @@ def test_every_kth_save_is_replicated_with_its_own_retention(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
     local = tmp_path / "fast"
-    with _manager(local, s3_bucket, max_to_keep=2, replicate_every=2, replica_max_to_keep=2) as m:
+    with _manager(local, s3_bucket, max_to_keep=2, every=2, replica_max_to_keep=2) as m:
         for step in range(1, 7):
             m.save(step, small_state(step))
         m.wait()
@@ -68,13 +71,13 @@ def test_new_node_with_an_empty_local_tier_resumes_from_s3(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
     local = tmp_path / "node-a"
-    with _manager(local, s3_bucket, max_to_keep=2, replicate_every=2) as mgr:
+    with _manager(local, s3_bucket, max_to_keep=2, every=2) as mgr:
         run_id = mgr.run_id
         for step in range(1, 6):
             mgr.save(step, small_state(step))
     shutil.rmtree(local)  # the pod is rescheduled: its emptyDir is gone
 
-    with _manager(tmp_path / "node-b", s3_bucket, max_to_keep=2, replicate_every=2) as mgr:
+    with _manager(tmp_path / "node-b", s3_bucket, max_to_keep=2, every=2) as mgr:
         assert mgr.all_steps() == []
         restored = mgr.restore()
         assert restored is not None
@@ -84,7 +87,7 @@ def test_new_node_with_an_empty_local_tier_resumes_from_s3(
         for step in range(5, 9):
             mgr.save(step, small_state(step))
         mgr.wait()
-        assert mgr.replica_steps() == [4, 6, 8]  # replica_max_to_keep=3 (default), same run
+        assert mgr.replica_steps() == [4, 6, 8]  # the replica keeps 3 (its default), same run
     record = json.loads(s3_bucket.fs.cat_file(f"{s3_bucket.url}/run/{RUN_FILE}"))
     assert record["sessions"][-1]["resumed_from"] == {
         "run_id": run_id,
@@ -97,11 +100,11 @@ def test_restore_takes_the_newest_across_tiers_and_skips_damage(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
     local = tmp_path / "fast"
-    with _manager(local, s3_bucket, max_to_keep=None, replicate_every=2) as mgr:
+    with _manager(local, s3_bucket, max_to_keep=None, every=2) as mgr:
         for step in range(1, 4):
             mgr.save(step, small_state(step))
     # local: 1 2 3; replica: 2
-    with _manager(local, s3_bucket, max_to_keep=None, replicate_every=2) as mgr:
+    with _manager(local, s3_bucket, max_to_keep=None, every=2) as mgr:
         restored = mgr.restore()
         assert restored is not None and (restored.step, restored.tier) == (3, "local")
     for step in (2, 3):  # damage the local copies of 2 and 3
@@ -109,7 +112,7 @@ def test_restore_takes_the_newest_across_tiers_and_skips_damage(
         data = bytearray(shard.read_bytes())
         data[-1] ^= 1
         shard.write_bytes(bytes(data))
-    with _manager(local, s3_bucket, max_to_keep=None, replicate_every=2) as mgr:
+    with _manager(local, s3_bucket, max_to_keep=None, every=2) as mgr:
         with pytest.warns(UserWarning, match="skipping damaged"):
             restored = mgr.restore()
         assert restored is not None and (restored.step, restored.tier) == (2, "replica")
@@ -118,9 +121,7 @@ def test_restore_takes_the_newest_across_tiers_and_skips_damage(
 def test_preemption_save_is_on_the_replica_before_save_returns(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
-    with _manager(
-        tmp_path / "fast", s3_bucket, replicate_every=100, save_on_preemption=False
-    ) as mgr:
+    with _manager(tmp_path / "fast", s3_bucket, every=100, save_on_preemption=False) as mgr:
         mgr.save(1, small_state(1))
         mgr.request_preemption()
         assert mgr.should_save(2)
@@ -143,7 +144,7 @@ def _denied(operation: str, params: dict[str, Any], count: int) -> BaseException
 def test_a_replication_failure_is_raised_by_wait_and_commits_nothing(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
-    mgr = _manager(tmp_path / "fast", s3_bucket, replicate_every=1)
+    mgr = _manager(tmp_path / "fast", s3_bucket, every=1)
     try:
         with record_s3_calls(fail=_denied):
             mgr.save(1, small_state(1))
@@ -161,7 +162,7 @@ def test_a_replication_failure_is_raised_by_wait_and_commits_nothing(
 def test_a_replication_failure_is_raised_by_the_next_save(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
-    mgr = _manager(tmp_path / "fast", s3_bucket, replicate_every=1)
+    mgr = _manager(tmp_path / "fast", s3_bucket, every=1)
     try:
         with record_s3_calls(fail=_denied):
             mgr.save(1, small_state(1))

@@ -108,8 +108,9 @@ def test_replication_through_a_connection_dropped_once(
     try:
         with sv.CheckpointManager(
             tmp_path / "fast",
-            replicate_to=f"{s3_bucket.url}/run",
-            replica_storage_options=s3.storage_options(proxy.endpoint_url),
+            replicate_to=sv.Replica(
+                f"{s3_bucket.url}/run", storage_options=s3.storage_options(proxy.endpoint_url)
+            ),
         ) as mgr:
             mgr.save(1, big_state(1))
             mgr.wait()
@@ -128,8 +129,7 @@ def test_replication_with_the_connection_lost_then_back(
 ) -> None:
     mgr = sv.CheckpointManager(
         tmp_path / "fast",
-        replicate_to=f"{s3_bucket.url}/run",
-        replica_storage_options=s3_bucket.storage_options,
+        replicate_to=sv.Replica(f"{s3_bucket.url}/run", storage_options=s3_bucket.storage_options),
     )
     try:
         with record_s3_calls(_parts_fail_from(2)):
@@ -258,7 +258,9 @@ def test_manager_killed_mid_upload(s3: MotoS3Server, s3_bucket: S3Bucket, tmp_pa
         assert restored is not None and restored.step == 1
     # (Whether a young upload is kept cannot be seen here: moto reports every upload as begun
     # in 2010, so the first manager may already abort it.)
-    with sv.CheckpointManager(run, storage_options=options, stale_after_seconds=0) as mgr:
+    with sv.CheckpointManager(
+        run, storage_options=options, options=sv.RunOptions(stale_after_seconds=0)
+    ) as mgr:
         assert not [n for n in objects_under(s3_bucket.fs, run) if n.startswith("step_000000002")]
         assert s3_bucket.pending_multipart_uploads() == [], "the dead writer's upload aborted"
         assert mgr.save(2, big_state(2))

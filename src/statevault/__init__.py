@@ -30,8 +30,10 @@ from statevault.manager import (
     KeepBest,
     KeepEveryNSteps,
     KeepLatest,
+    Replica,
     Restored,
     RetentionPolicy,
+    RunOptions,
 )
 from statevault.state.per_rank import PerRank
 from statevault.state.rng import RNGState
@@ -50,9 +52,11 @@ __all__ = [
     "LoadedState",
     "PerRank",
     "RNGState",
+    "Replica",
     "Restored",
     "RetentionPolicy",
     "RunLockedError",
+    "RunOptions",
     "StateMismatchError",
     "Stateful",
     "StorageError",

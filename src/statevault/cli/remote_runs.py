@@ -18,12 +18,13 @@ from statevault.cli import render, runs
 from statevault.cli.common import ExitCode, storage_options
 from statevault.cli.rm_cmd import Deletion, Found, deletion_document, show
 from statevault.errors import CheckpointNotFoundError
+from statevault.manager.config import DEFAULT_STALE_AFTER_SECONDS
 from statevault.manager.holder import refuse_if_held
 from statevault.manager.index import RunScan, scan_run
 from statevault.manager.leftovers import is_statevault_upload, survey
 from statevault.manager.naming import LOCK_FILE, RUN_FILE, parse_step, step_dir_name
 from statevault.manager.retention import RetentionPolicy, retention_reasons
-from statevault.manager.rundir import DEFAULT_STALE_AFTER_SECONDS, RunDir
+from statevault.manager.rundir import RunDir
 from statevault.storage.location import Location, resolve
 
 

@@ -1,5 +1,6 @@
 """A run of checkpoints: naming, retention policies, resume, preemption, the writer lock."""
 
+from statevault.manager.config import Replica, RunOptions
 from statevault.manager.index import CheckpointRecord
 from statevault.manager.manager import CheckpointManager
 from statevault.manager.restoring import Restored
@@ -11,6 +12,8 @@ __all__ = [
     "KeepBest",
     "KeepEveryNSteps",
     "KeepLatest",
+    "Replica",
     "Restored",
     "RetentionPolicy",
+    "RunOptions",
 ]

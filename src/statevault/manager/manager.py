@@ -27,7 +27,15 @@ from typing import Any, Literal
 
 from statevault.checkpoint.save import SaveFuture, Saver
 from statevault.errors import CheckpointError
-from statevault.manager import closing, options
+from statevault.manager import closing
+from statevault.manager import options as check
+from statevault.manager.config import (
+    DEFAULT_MAX_TO_KEEP,
+    Replica,
+    RunOptions,
+    as_replica,
+    retention_policies,
+)
 from statevault.manager.index import (
     CheckpointRecord,
     RunScan,
@@ -37,7 +45,6 @@ from statevault.manager.index import (
     read_annotations,
     read_record,
 )
-from statevault.manager.lock import DEFAULT_LEASE_SECONDS
 from statevault.manager.naming import ANNOTATIONS_FILE
 from statevault.manager.preemption import PreemptionWatcher
 from statevault.manager.queries import RunQueries
@@ -46,11 +53,10 @@ from statevault.manager.restoring import RunRestore
 from statevault.manager.retention import (
     RetentionPolicy,
     decide,
-    policies_from_options,
 )
 from statevault.manager.role import Role
 from statevault.manager.run import new_run, new_session, read_run, write_run
-from statevault.manager.rundir import DEFAULT_STALE_AFTER_SECONDS, RunDir
+from statevault.manager.rundir import RunDir
 
 logger = logging.getLogger("statevault")
 
@@ -59,89 +65,71 @@ class CheckpointManager(RunQueries, RunRestore):
     """Manages the checkpoints of one run directory (see the module docstring).
 
     ``directory``: a local path (the fast path) or any fsspec URL (``s3://bucket/run``,
-    ``memory://...``); ``storage_options`` reach fsspec (endpoint, credentials).
-    ``replicate_to``: a second, durable tier (any URL; ``directory`` must then be local): every
-    ``replicate_every``-th checkpoint this manager saves, and every preemption save, is copied
-    there in the background and kept by its own retention (``replica_max_to_keep`` or
-    ``replica_retention``); ``restore`` picks the newest valid checkpoint of either tier.
-    ``lease_seconds``: how long a writer lock without heartbeat stays valid (lock.py,
-    lease.py). ``stale_after_seconds``: a manifest-less prefix on an object store is swept only
-    once its newest object is older than this (it may be a save in flight).
+    ``memory://...``); ``storage_options`` reach fsspec (endpoint, credentials). Retention:
+    the shortcuts ``max_to_keep`` (default 3; None keeps all), ``keep_every_n_steps`` and
+    ``best_metric`` with ``best_mode`` and ``keep_best``, or a list of policies as
+    ``retention=``, not both. ``replicate_to``: a second, durable tier (an ``sv.Replica``, or
+    its URL; ``directory`` must then be local): copies in the background, its own retention;
+    ``restore`` picks the newest valid checkpoint of either tier. ``options``: an
+    ``sv.RunOptions`` (run name and metadata, staging budget, lease and sweep timings).
     """
 
     def __init__(
         self,
         directory: str | os.PathLike[str],
         *,
-        max_to_keep: int | None = 3,
+        max_to_keep: int | None = DEFAULT_MAX_TO_KEEP,
         keep_every_n_steps: int | None = None,
         best_metric: str | None = None,
         best_mode: Literal["min", "max"] = "min",
         keep_best: int = 1,
+        retention: Sequence[RetentionPolicy] | None = None,
         save_interval_steps: int | None = None,
         save_interval_seconds: float | None = None,
         save_on_preemption: bool = True,
-        run_metadata: Any = None,
-        retention: Sequence[RetentionPolicy] | None = None,
-        name: str | None = None,
         async_save: bool = False,
-        staging_budget_bytes: int | None = None,
         storage_options: Mapping[str, Any] | None = None,
-        replicate_to: str | os.PathLike[str] | None = None,
-        replicate_every: int = 1,
-        replica_max_to_keep: int | None = 3,
-        replica_retention: Sequence[RetentionPolicy] | None = None,
-        replica_storage_options: Mapping[str, Any] | None = None,
-        lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        stale_after_seconds: float = DEFAULT_STALE_AFTER_SECONDS,
+        replicate_to: Replica | str | os.PathLike[str] | None = None,
+        options: RunOptions | None = None,
     ) -> None:
-        self.save_interval_steps = options.count_or_none(
+        self.save_interval_steps = check.count_or_none(
             "save_interval_steps", save_interval_steps, "save at every step"
         )
-        self.save_interval_seconds = options.seconds_or_none(
+        self.save_interval_seconds = check.seconds_or_none(
             "save_interval_seconds", save_interval_seconds
         )
-        self.retention = (
-            list(retention)
-            if retention is not None
-            else policies_from_options(
-                max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best
-            )
+        self.retention = retention_policies(
+            max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best, retention
         )
-        options.seconds("lease_seconds", lease_seconds)
-        options.seconds("stale_after_seconds", stale_after_seconds, allow_zero=True)
-        if staging_budget_bytes is not None:
-            options.count("staging_budget_bytes", staging_budget_bytes)
-        replicate_every = options.count("replicate_every", replicate_every)
-        name = options.text_or_none("name", name)
-        self._dir = RunDir(directory, storage_options, stale_after_seconds)
+        run_options = options if options is not None else RunOptions()
+        if not isinstance(run_options, RunOptions):
+            raise TypeError(f"options takes an sv.RunOptions, got {type(options).__name__}")
+        replica = as_replica(replicate_to)
+        stale = run_options.stale_after_seconds
+        self._dir = RunDir(directory, storage_options, stale)
         self.directory = self._dir.url
         closing.close_dropped(self.directory)  # a manager of this run let go of, not closed
         self._replica: RunDir | None = None
-        if replicate_to is not None:
+        if replica is not None:
             if not self._dir.local:
                 raise ValueError("replicate_to needs a local directory as the fast tier")
-            replica_options = replica_storage_options or storage_options
-            self._replica = RunDir(replicate_to, replica_options, stale_after_seconds)
-        self.replicate_every = replicate_every
-        replica_policies = (
-            list(replica_retention)
-            if replica_retention is not None
-            else policies_from_options(replica_max_to_keep, None, None, "min", 1)
-        )
+            replica_options = replica.storage_options or storage_options
+            self._replica = RunDir(replica.url, replica_options, stale)
+        self.replicate_every = replica.every if replica is not None else 1
         self._closed = False
         self._replicator: Replicator | None = None
         # Followers need no manifest back: the leader alone indexes the run.
         self._saver = Saver(
             asynchronous=async_save,
-            staging_budget_bytes=staging_budget_bytes,
+            staging_budget_bytes=run_options.staging_budget_bytes,
             read_back_manifest=False,
         )
         self._role = Role(self._saver)
         error: BaseException | None = None
         if self._role.leader:
             try:
-                self._open_as_leader(name, run_metadata, lease_seconds, replica_policies)
+                policies = replica.policies() if replica is not None else []
+                self._open_as_leader(run_options, policies)
             except BaseException as exc:
                 self._closed = True
                 error = exc
@@ -170,16 +158,12 @@ class CheckpointManager(RunQueries, RunRestore):
     # ---- run bookkeeping -------------------------------------------------------------------
 
     def _open_as_leader(
-        self,
-        name: str | None,
-        run_metadata: Any,
-        lease_seconds: float,
-        replica_policies: list[RetentionPolicy],
+        self, run_options: RunOptions, replica_policies: list[RetentionPolicy]
     ) -> None:
         self._dir.create()
         try:
-            self._acquire_locks(lease_seconds)
-            self._run = self._open_run(name, run_metadata)
+            self._acquire_locks(run_options.lease_seconds)
+            self._run = self._open_run(run_options.name, run_options.metadata)
             self._dir.sweep()
             self._scan: RunScan = self._dir.scan()
             if self._replica is not None:
@@ -238,7 +222,7 @@ class CheckpointManager(RunQueries, RunRestore):
         earlier background save or replication.
         """
         self._check_open()
-        step = options.as_step(step)
+        step = check.as_step(step)
         # One agreement, used for both decisions: a signal landing after it on one rank must
         # not make that rank alone block in a preemption save (the collectives would pair up
         # wrongly); it is honoured at the next step.
@@ -317,7 +301,7 @@ class CheckpointManager(RunQueries, RunRestore):
     def should_save(self, step: int) -> bool:
         """Whether ``step`` is due: an interval is reached, or a preemption signal arrived. In a
         distributed job every rank gets the same answer (role.py): one small collective."""
-        return self._agree(options.as_step(step))[0]
+        return self._agree(check.as_step(step))[0]
 
     def _agree(self, step: int) -> tuple[bool, bool]:
         """(due, a preemption save) for ``step``, the same on every rank."""
@@ -342,7 +326,7 @@ class CheckpointManager(RunQueries, RunRestore):
         """Attach metrics (e.g. evaluation results) to a committed checkpoint; they count for
         best-K retention. Stored beside the manifest, which stays untouched."""
         self._check_open()
-        step = options.as_step(step)
+        step = check.as_step(step)
         if not self._role.leader:
             return  # the leader writes the run's side files
         record = self._committed_record(step)

@@ -29,17 +29,17 @@ from typing import Any, Protocol
 
 from statevault.checkpoint import commit
 from statevault.format.names import MANIFEST_NAME
+from statevault.manager.config import DEFAULT_STALE_AFTER_SECONDS
+from statevault.manager.holder import DEFAULT_LEASE_SECONDS
 from statevault.manager.index import RunScan, scan_run
 from statevault.manager.lease import LeaseLock
 from statevault.manager.leftovers import is_statevault_upload, survey
-from statevault.manager.lock import DEFAULT_LEASE_SECONDS, RunLock
+from statevault.manager.lock import RunLock
 from statevault.manager.naming import LOCK_FILE, step_dir_name
 from statevault.storage.local import LocalStorage, fsync_dir
 from statevault.storage.location import Location, resolve
 
 logger = logging.getLogger("statevault")
-
-DEFAULT_STALE_AFTER_SECONDS = 3600.0
 
 
 class WriterLock(Protocol):
