@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
@@ -45,6 +44,7 @@ class _Recorder:
 
 
 def test_tensorflow_checkpoint(tmp_path: Path) -> None:
+    tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed (CI installs it)")
     kernel = tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3))
     half = tf.Variable(tf.constant([1.5, -2.25], dtype=tf.bfloat16))
     counter = tf.Variable(7, dtype=tf.int64)
@@ -67,6 +67,7 @@ def test_tensorflow_checkpoint(tmp_path: Path) -> None:
 
 
 def test_tensorflow_checkpoint_directory(tmp_path: Path) -> None:
+    tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed (CI installs it)")
     manager = tf.train.CheckpointManager(
         tf.train.Checkpoint(w=tf.Variable([1.0, 2.0])), str(tmp_path / "tf"), max_to_keep=2
     )

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import keras
 import numpy as np
+import pytest
 import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file as load_torch
 
-import statevault as sv
-from statevault.cli.main import main
-from statevault.interop import export_safetensors
+keras = pytest.importorskip("keras", reason="Keras (TensorFlow) is not installed (CI installs it)")
+
+import statevault as sv  # noqa: E402
+from statevault.cli.main import main  # noqa: E402
+from statevault.interop import export_safetensors  # noqa: E402
 
 INPUTS = np.random.default_rng(5).standard_normal((16, 6)).astype(np.float32)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import statevault as sv
-from statevault.format import tree
+from statevault.format import tree, tree_paths
 
 scalars = st.one_of(
     st.none(),
@@ -126,5 +126,5 @@ def test_tensor_ids_are_exactly_the_tensors_the_decoder_resolves(value: Any) -> 
         return index
 
     tree.decode(encoded, resolve)
-    assert tree.tensor_ids(encoded) == resolved
-    assert tree.tensor_ids(encoded, tag="sharded") == set()
+    assert tree_paths.tensor_ids(encoded) == resolved
+    assert tree_paths.tensor_ids(encoded, tag="sharded") == set()

@@ -16,7 +16,7 @@ from statevault.checkpoint.read import decode, read_tensors
 from statevault.checkpoint.restore import LoadedState, restore_into
 from statevault.distributed.group import rank_and_world, rank_picker
 from statevault.errors import CheckpointError, CorruptCheckpointError
-from statevault.format import tree as tree_codec
+from statevault.format import tree_paths
 
 
 def load(
@@ -68,7 +68,7 @@ def _read_tree(
     node = checkpoint.manifest.tree
     if only is not None:
         try:
-            node = tree_codec.subtree(node, only, checkpoint.directory, rank_and_world()[0])
+            node = tree_paths.subtree(node, only, checkpoint.directory, rank_and_world()[0])
         except KeyError as exc:
             raise CheckpointError(str(exc.args[0])) from None
     tensors = read_tensors(checkpoint, node, into, device, verify, pick_rank, only is None)

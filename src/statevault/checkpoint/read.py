@@ -30,6 +30,7 @@ from statevault.engine.reshard import (
 )
 from statevault.errors import CheckpointError, CorruptCheckpointError
 from statevault.format import tree as tree_codec
+from statevault.format import tree_paths
 from statevault.format.geometry import Box
 from statevault.format.manifest import TensorEntry
 
@@ -67,9 +68,9 @@ def read_tensors(
     manifest = checkpoint.manifest
     targets = _targets(checkpoint, node, into, pick_rank)
     result = LoadedTensors()
-    plain_ids = sorted(tree_codec.tensor_ids(node) - {i for kind, i in targets if kind == "tensor"})
+    plain_ids = sorted(tree_paths.tensor_ids(node) - {i for kind, i in targets if kind == "tensor"})
     plain_ids = [i for i in plain_ids if 0 <= i < len(manifest.tensors)]
-    sharded_ids = sorted(tree_codec.tensor_ids(node, tag="sharded"))
+    sharded_ids = sorted(tree_paths.tensor_ids(node, tag="sharded"))
     if not targets and not sharded_ids:
         result.plain = read_plain(plain_ids)
         return result

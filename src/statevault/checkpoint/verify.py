@@ -18,7 +18,7 @@ from statevault.checkpoint.read import WHOLE_TREE, decode
 from statevault.engine.progress import ByteProgress
 from statevault.engine.reader import CheckpointReader, ReadOutcome
 from statevault.errors import CheckpointError, CorruptCheckpointError
-from statevault.format import dtypes
+from statevault.format import dtypes, tree_paths
 from statevault.format import tree as tree_codec
 from statevault.format.manifest import Manifest, TensorEntry
 from statevault.storage.location import resolve
@@ -137,11 +137,11 @@ def _verify_subtree(
     a sharded tensor's chunks are its tensors."""
     manifest = checkpoint.manifest
     try:
-        node = tree_codec.subtree(manifest.tree, key, checkpoint.directory)
+        node = tree_paths.subtree(manifest.tree, key, checkpoint.directory)
     except KeyError as exc:
         raise CheckpointError(str(exc.args[0])) from None
-    ids = set(tree_codec.tensor_ids(node))
-    for index in tree_codec.tensor_ids(node, tag="sharded"):
+    ids = set(tree_paths.tensor_ids(node))
+    for index in tree_paths.tensor_ids(node, tag="sharded"):
         if 0 <= index < len(manifest.sharded):
             ids |= {chunk.tensor for chunk in manifest.sharded[index].chunks}
         else:

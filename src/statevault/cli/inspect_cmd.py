@@ -38,7 +38,7 @@ from statevault.cli.common import (
     storage_options,
 )
 from statevault.errors import CheckpointError
-from statevault.format import tree
+from statevault.format import tree, tree_paths
 from statevault.format.manifest import Manifest, TensorEntry
 
 if TYPE_CHECKING:
@@ -90,10 +90,10 @@ def only_subtree(checkpoint: OpenCheckpoint, key: str) -> OpenCheckpoint:
     """The checkpoint as if it held only the arrays of subtree ``key`` (and their files)."""
     manifest = checkpoint.manifest
     try:
-        node = tree.subtree(manifest.tree, key, checkpoint.directory)
+        node = tree_paths.subtree(manifest.tree, key, checkpoint.directory)
     except KeyError as exc:
         raise CheckpointError(str(exc.args[0])) from None
-    ids = sorted(i for i in tree.tensor_ids(node) if 0 <= i < len(manifest.tensors))
+    ids = sorted(i for i in tree_paths.tensor_ids(node) if 0 <= i < len(manifest.tensors))
     tensors = [manifest.tensors[i] for i in ids]
     names = {entry.file for entry in tensors}
     files = [entry for entry in manifest.files if entry.name in names]

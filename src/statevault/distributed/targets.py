@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from statevault.adapters.torch_dtensor import is_dtensor
-from statevault.format import tree
+from statevault.format import tree_paths
 from statevault.state.per_rank import PerRank
 from statevault.state.stateful import as_stateful
 
@@ -29,7 +29,7 @@ def find_targets(into: Any, node: Any, pick_rank: Callable[[int], int]) -> dict[
 
 
 def _unwrap(node: Any, pick_rank: Callable[[int], int]) -> Any:
-    unwrapped = tree.unwrap(node, pick_rank)
+    unwrapped = tree_paths.unwrap(node, pick_rank)
     return None if type(unwrapped) is dict and unwrapped.get("$") == "per_rank" else unwrapped
 
 
@@ -56,10 +56,10 @@ def _walk(
         return
     if isinstance(target, Mapping):
         for key, value in target.items():
-            _walk(value, tree.subtree_child(node, key), found, pick, depth + 1)
+            _walk(value, tree_paths.subtree_child(node, key), found, pick, depth + 1)
     elif isinstance(target, (list, tuple)):
         for index, value in enumerate(target):
-            _walk(value, tree.subtree_child(node, index), found, pick, depth + 1)
+            _walk(value, tree_paths.subtree_child(node, index), found, pick, depth + 1)
 
 
 def _is_unstepped_optimizer(target: Any) -> bool:
@@ -74,11 +74,11 @@ def _walk_unstepped(
     """Saved moments of an optimizer with no state yet: each takes its parameter's layout; the
     caller keeps a target only where the saved shape equals the parameter's."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    states = tree.subtree_child(_unwrap(node, pick), "state")
+    states = tree_paths.subtree_child(_unwrap(node, pick), "state")
     for index, param in enumerate(params):
         if not is_dtensor(param):
             continue
-        moments = _unwrap(tree.subtree_child(states, index), pick)
+        moments = _unwrap(tree_paths.subtree_child(states, index), pick)
         if type(moments) is not dict:
             continue
         for child in _children(moments):

@@ -18,18 +18,16 @@ import contextlib
 import functools
 import mmap
 import os
-import stat
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
+from statevault.engine.files import LocalFile, NotAFile, RemoteFile
 from statevault.engine.parallel import map_threads
 from statevault.engine.verify import failed as failed_checksums
 from statevault.errors import StorageError
 from statevault.format.checksum import crc32c_of, parse_checksum
 from statevault.format.manifest import FileEntry, Manifest, TensorEntry
-from statevault.storage.base import Storage
-from statevault.storage.local import open_read, read_into_fd
 from statevault.storage.location import Location
 
 CHUNK_BYTES = 16 << 20
@@ -57,93 +55,19 @@ class ReadOutcome:
     bytes_read: int = 0
 
 
-def _file_kind(mode: int) -> str | None:
-    """None for a regular file, else what it is instead."""
-    if stat.S_ISREG(mode):
-        return None
-    return (
-        "symlink" if stat.S_ISLNK(mode) else "directory" if stat.S_ISDIR(mode) else "special file"
-    )
-
-
-class _LocalFile:
-    """A shard on the local disk, opened without following symlinks and only if regular;
-    through the checkpoint's open directory (``dir_fd``) when there is one."""
-
-    def __init__(self, path: str, dir_fd: int | None = None) -> None:
-        # lstat first: opening a FIFO would block, a symlink may lead outside.
-        name = os.path.basename(path) if dir_fd is not None else path
-        kind = _file_kind(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-        if kind is not None:
-            raise _NotAFile(f"is a {kind}, not a regular file")
-        self.fd = open_read(name, dir_fd=dir_fd)
-        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
-            os.close(self.fd)
-            raise _NotAFile("is not a regular file")
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
-
-    def read_into(self, offset: int, view: memoryview) -> None:
-        read_into_fd(self.fd, offset, view)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class _RemoteFile:
-    """An object in an fsspec store: sized once, read by byte ranges."""
-
-    def __init__(self, storage: Storage, path: str) -> None:
-        self.storage = storage
-        self.path = path
-        self._size: int | None = None
-
-    def size(self) -> int:
-        """The object's size (one HEAD request, the first time): reads do not need it, a
-        ranged read past the end fails on its own."""
-        if self._size is None:
-            self._size = self.storage.size(self.path)
-        return self._size
-
-    def read_into(self, offset: int, view: memoryview) -> None:
-        self.storage.read_into(self.path, offset, view)
-
-    def read_range(self, offset: int, size: int) -> bytes | bytearray | memoryview:
-        """The ``size`` bytes at ``offset``, in one request where the storage can."""
-        if size == 0:
-            return b""
-        read_range = getattr(self.storage, "read_range", None)
-        if callable(read_range):
-            data: bytes | bytearray | memoryview = read_range(self.path, offset, size)
-            if len(data) != size:
-                raise EOFError(f"{self.path} ended at byte {offset + len(data)}")
-            return data
-        buffer = bytearray(size)
-        self.storage.read_into(self.path, offset, memoryview(buffer))
-        return buffer
-
-    def close(self) -> None:
-        return None
-
-
-class _NotAFile(Exception):
-    pass
-
-
 class CheckpointReader:
     """Reads one checkpoint whose manifest has been parsed and validated."""
 
     def __init__(self, location: Location, manifest: Manifest, dir_fd: int | None = None) -> None:
         self.location = location
         self.manifest = manifest
-        self.dir_fd = dir_fd  # the checkpoint's directory, opened once (checkpoint.py)
+        self.dir_fd = dir_fd  # the checkpoint's directory, opened once (checkpoint/open.py)
 
-    def _open(self, name: str) -> _LocalFile | _RemoteFile:
+    def _open(self, name: str) -> LocalFile | RemoteFile:
         path = self.location.join(name).path
         if self.location.local:
-            return _LocalFile(path, self.dir_fd)
-        return _RemoteFile(self.location.storage, path)
+            return LocalFile(path, self.dir_fd)
+        return RemoteFile(self.location.storage, path)
 
     def file_problems(self, check_headers: bool, names: Collection[str] | None = None) -> list[str]:
         """Missing or resized files, and (optionally) damaged safetensors headers, of every file
@@ -161,7 +85,7 @@ class CheckpointReader:
     def _file_problem(self, entry: FileEntry, check_headers: bool) -> str | None:
         try:
             source = self._open(entry.name)
-        except _NotAFile as exc:
+        except NotAFile as exc:
             return f"file {entry.name}: {exc}"
         except StorageError:
             raise  # the storage failed (unreachable, access denied): no verdict on the bytes
@@ -182,7 +106,7 @@ class CheckpointReader:
         """Read the tensors ``ids`` into buffers from ``allocate``, verifying checksums."""
         outcome = ReadOutcome()
         names = sorted({self.manifest.tensors[index].file for index in ids})
-        sources: dict[str, _LocalFile | _RemoteFile] = {}
+        sources: dict[str, LocalFile | RemoteFile] = {}
         try:
             for name in names:
                 sources[name] = self._open(name)
@@ -196,7 +120,7 @@ class CheckpointReader:
                 threads,
                 "statevault-read",
             )
-        except _NotAFile as exc:
+        except NotAFile as exc:
             outcome.problems.append(f"a shard {exc}")
             return outcome
         except StorageError:
@@ -227,7 +151,7 @@ class CheckpointReader:
         for name in names:
             try:
                 views[name] = _map_file(self.location.join(name).path, sizes[name])
-            except (_NotAFile, OSError) as exc:
+            except (NotAFile, OSError) as exc:
                 outcome.problems.append(f"file {name}: cannot be mapped ({exc})")
                 return outcome
         entries = self.manifest.tensors
@@ -245,7 +169,7 @@ class CheckpointReader:
     def _read_remote(
         self,
         ids: Sequence[int],
-        sources: dict[str, _LocalFile | _RemoteFile],
+        sources: dict[str, LocalFile | RemoteFile],
         allocate: Allocator,
         verify: bool,
     ) -> ReadOutcome:
@@ -269,7 +193,7 @@ class CheckpointReader:
         return outcome
 
     def _read_one(
-        self, index: int, source: _LocalFile | _RemoteFile, allocate: Allocator, verify: bool
+        self, index: int, source: LocalFile | RemoteFile, allocate: Allocator, verify: bool
     ) -> tuple[int, object, str | None]:
         entry = self.manifest.tensors[index]
         array, view = allocate(entry)
@@ -332,8 +256,8 @@ class _RemoteLoad:
                 self.remaining[part.index] += 1
         self.lock = threading.Lock()
 
-    def fetch(self, source: _LocalFile | _RemoteFile, request: _Request) -> None:
-        assert isinstance(source, _RemoteFile)
+    def fetch(self, source: LocalFile | RemoteFile, request: _Request) -> None:
+        assert isinstance(source, RemoteFile)
         try:
             data = memoryview(source.read_range(request.start, request.stop - request.start))
         except (EOFError, OSError) as exc:
@@ -405,10 +329,10 @@ def _slice(view: memoryview, entry: TensorEntry) -> memoryview:
 
 def _map_file(path: str, size: int) -> memoryview:
     """A private, writable (copy-on-write) mapping of a regular file of exactly ``size`` bytes."""
-    source = _LocalFile(path)
+    source = LocalFile(path)
     try:
         if source.size() != size:  # checked again on this very descriptor: no race with it
-            raise _NotAFile(f"has {source.size()} bytes, {size} in the manifest")
+            raise NotAFile(f"has {source.size()} bytes, {size} in the manifest")
         if size == 0:
             return memoryview(bytearray())
         # Not MAP_POPULATE: measured 5x slower than faulting pages in as the checksum reads them
@@ -436,7 +360,7 @@ def _ask_for_huge_pages(mapping: mmap.mmap) -> None:
 
 
 def _file_problem(
-    source: _LocalFile | _RemoteFile, entry: FileEntry, check_headers: bool
+    source: LocalFile | RemoteFile, entry: FileEntry, check_headers: bool
 ) -> str | None:
     size = source.size()
     if size != entry.size:

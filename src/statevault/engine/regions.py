@@ -63,7 +63,7 @@ class RegionReader:
                     self._files[name] = self.reader._open(name)
                 except StorageError:
                     raise  # the storage failed: no verdict on the bytes
-                except (OSError, ValueError, Exception) as exc:  # _NotAFile is private there
+                except (OSError, ValueError, Exception) as exc:  # engine.files.NotAFile among them
                     raise CorruptCheckpointError(
                         f"{self.reader.location.url}: file {name} cannot be opened ({exc})"
                     ) from None

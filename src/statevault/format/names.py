@@ -20,7 +20,7 @@ def shard_name(index: int, rank: int = 0, tag: str = "") -> str:
 
 def part_name(rank: int, tag: str = "") -> str:
     """``part-r<rank><tag>.json``: a rank's report in a distributed save, deleted before the
-    manifest is written (distributed/parts.py)."""
+    manifest is written (checkpoint/parts.py)."""
     return f"part-r{rank:05d}{tag}.json"
 
 

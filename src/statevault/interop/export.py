@@ -35,8 +35,7 @@ from statevault.checkpoint import OpenCheckpoint, open_checkpoint
 from statevault.engine.regions import RegionReader
 from statevault.engine.reshard import Logical, plain_logical, sharded_logical
 from statevault.errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
-from statevault.format import dtypes
-from statevault.format import tree as tree_codec
+from statevault.format import dtypes, tree_paths
 from statevault.interop import casting
 from statevault.interop.leaves import Leaf, collect
 from statevault.interop.progress import ByteProgress, NoProgress
@@ -174,7 +173,7 @@ def _plan(
     node = checkpoint.manifest.tree
     if only is not None:
         try:
-            node = tree_codec.subtree(node, only, checkpoint.directory)
+            node = tree_paths.subtree(node, only, checkpoint.directory)
         except KeyError as exc:
             raise CheckpointError(str(exc.args[0])) from None
     leaves = collect(node, checkpoint.directory)

@@ -17,6 +17,7 @@ from typing import Any
 
 from statevault.errors import CorruptCheckpointError
 from statevault.format import tree as tree_codec
+from statevault.format import tree_paths
 
 _MAX_DEPTH = 200
 
@@ -89,7 +90,7 @@ def _tag(node: Any) -> Any:
 
 
 def _holds_no_array(node: Any) -> bool:
-    return not tree_codec.tensor_ids(node) and not tree_codec.tensor_ids(node, tag="sharded")
+    return not tree_paths.tensor_ids(node) and not tree_paths.tensor_ids(node, tag="sharded")
 
 
 def _dict_items(node: dict[str, Any], where: str) -> list[tuple[object, Any]]:

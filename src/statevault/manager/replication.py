@@ -7,12 +7,13 @@ The replication protocol, for one committed local checkpoint ``<local>/step_N``:
 2. if ``<replica>/step_N/manifest.json`` exists, it is already there: done. Objects under that
    prefix without a manifest are the remains of a dead replication (or of a dead save): they
    are deleted, unless one is not a statevault file, which is refused;
-3. write the marker (commit.py: the prefix is statevault's from then on, whatever happens),
-   then copy every shard file in ``part_bytes`` pieces (a streamed multipart upload; memory holds a
-   piece or two, never a file). A transient failure aborts that upload and retries the file
-   with backoff (:func:`statevault.storage.fsspec_storage.retrying`); a permanent one (access
-   denied, no bucket, quota) fails at once. Each copied object's size is checked against the
-   manifest; the bytes are protected in transit by the S3 client's per-request checksums;
+3. write the marker (checkpoint/commit.py: the prefix is statevault's from then on, whatever
+   happens), then copy every shard file in ``part_bytes`` pieces (a streamed multipart upload;
+   memory holds a piece or two, never a file). A transient failure aborts that upload and
+   retries the file with backoff (:func:`statevault.storage.fsspec_storage.retrying`); a
+   permanent one (access denied, no bucket, quota) fails at once. Each copied object's size is
+   checked against the manifest; the bytes are protected in transit by the S3 client's
+   per-request checksums;
 4. ``annotations.json`` if any, then the manifest, byte for byte, last: the object-store commit.
    A replica on a local path (a shared filesystem) is written under a temporary name and
    renamed, as every local save is.

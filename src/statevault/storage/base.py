@@ -5,7 +5,8 @@ Call order for one save (paths are ``/``-separated strings under one checkpoint 
     storage.make_dir(tmp)
     h = storage.open_write(f"{tmp}/data-...safetensors"); h.write(view) ...; h.close()  # durable
     ... the manifest last, the same way ...
-    commit.py then publishes ``tmp`` under its final name (rename, or nothing on object stores)
+    checkpoint/commit.py then publishes ``tmp`` under its final name (rename, or nothing more on
+    object stores)
 
 and for a load: ``size`` of every file, then ``read_into`` of the byte ranges needed. Example::
 
@@ -77,7 +78,7 @@ class CommitsOnExit:
 class Storage(Protocol):
     """Byte storage. Implementations: LocalStorage (POSIX fast path), FsspecStorage (URLs).
 
-    ``atomic_rename`` says which commit protocol applies (commit.py): rename a finished
+    ``atomic_rename`` says which commit protocol applies (checkpoint/commit.py): rename a finished
     temporary directory, or write the manifest last.
     """
 
