@@ -26,6 +26,7 @@ from statevault.cli.main import main
 from statevault.cli.render import format_shape, human_bytes, printable, to_json_value
 from statevault.format.checksum import crc32c_of, format_checksum
 from statevault.format.manifest import TensorEntry
+from tests.progress_helpers import Recorder
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("statevault")
 LONG_KEY = "encoder/" + "/".join(f"block_{i:02d}" for i in range(20)) + "/attention.weight"
@@ -437,21 +438,6 @@ def test_cli_never_imports_torch(checkpoint: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-class _Recorder:
-    """A ByteProgress that remembers what it was told."""
-
-    def __init__(self) -> None:
-        self.totals: list[int] = []
-        self.advances: list[int] = []
-
-    def start(self, total: int) -> None:
-        self.totals.append(total)
-
-    def advance(self, amount: int) -> None:
-        assert self.totals, "advance before start"
-        self.advances.append(amount)
-
-
 def test_verify_reports_progress_in_bytes(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -460,15 +446,15 @@ def test_verify_reports_progress_in_bytes(
     monkeypatch.setattr(
         statevault.checkpoint.verify, "VERIFY_BATCH_BYTES", 64
     )  # many small batches
-    recorder = _Recorder()
+    recorder = Recorder()
     report = sv.verify(checkpoint, progress=recorder)
     assert report.ok and recorder.totals == [report.bytes_checked]
     assert len(recorder.advances) > 3 and sum(recorder.advances) == report.bytes_checked
-    recorder = _Recorder()
+    recorder = Recorder()
     subtree = sv.verify(checkpoint, only="model", progress=recorder)
     assert recorder.totals == [subtree.bytes_checked] < [report.bytes_checked]
     assert sum(recorder.advances) == subtree.bytes_checked
     entry = _entries(checkpoint)[-1]
     _flip_byte(checkpoint / entry.file, entry.offset)
-    damaged = sv.verify(checkpoint, progress=_Recorder())
+    damaged = sv.verify(checkpoint, progress=Recorder())
     assert [p for p in damaged.problems if entry.path in p]  # batching still names the tensor

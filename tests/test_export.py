@@ -22,6 +22,7 @@ from statevault.cli.main import main
 from statevault.errors import CheckpointError, CorruptCheckpointError, UnsupportedValueError
 from statevault.interop import export_hf, export_safetensors
 from statevault.interop.writer import slabs
+from tests.progress_helpers import Recorder
 
 
 def _model() -> torch.nn.Module:
@@ -334,30 +335,15 @@ def test_hf_export_of_several_subtrees_is_refused(ckpt, tmp_path: Path) -> None:
     ]
 
 
-class _Recorder:
-    """A ByteProgress that remembers what it was told."""
-
-    def __init__(self) -> None:
-        self.totals: list[int] = []
-        self.advances: list[int] = []
-
-    def start(self, total: int) -> None:
-        self.totals.append(total)
-
-    def advance(self, amount: int) -> None:
-        assert self.totals, "advance before start"
-        self.advances.append(amount)
-
-
 def test_export_reports_progress_in_bytes(ckpt, tmp_path: Path) -> None:
     path, _, _ = ckpt
-    recorder = _Recorder()
+    recorder = Recorder()
     report = export_safetensors(
         path, tmp_path / "o.safetensors", progress=recorder, buffer_bytes=64
     )
     assert recorder.totals == [report.bytes] and report.bytes > 64
     assert sum(recorder.advances) == report.bytes and max(recorder.advances) <= 64
-    recorder = _Recorder()
+    recorder = Recorder()
     report = export_hf(path, tmp_path / "hf", only="model", max_shard_bytes=600, progress=recorder)
     assert len(report.files) > 2  # several shards, one bar
     assert recorder.totals == [report.bytes] and sum(recorder.advances) == report.bytes

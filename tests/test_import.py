@@ -18,6 +18,7 @@ import statevault as sv
 from statevault.cli.main import main
 from statevault.errors import CheckpointError, CorruptCheckpointError
 from statevault.interop import detect, import_checkpoint
+from tests.progress_helpers import Recorder
 
 
 def _metadata(path: Path) -> object:
@@ -26,21 +27,6 @@ def _metadata(path: Path) -> object:
 
     checkpoint = open_checkpoint(path)
     return tree.decode(checkpoint.manifest.metadata, lambda i: None, str(path))
-
-
-class _Recorder:
-    """A ByteProgress that remembers what it was told."""
-
-    def __init__(self) -> None:
-        self.totals: list[int] = []
-        self.advances: list[int] = []
-
-    def start(self, total: int) -> None:
-        self.totals.append(total)
-
-    def advance(self, amount: int) -> None:
-        assert self.totals, "advance before start"
-        self.advances.append(amount)
 
 
 def test_tensorflow_checkpoint(tmp_path: Path) -> None:
@@ -52,7 +38,7 @@ def test_tensorflow_checkpoint(tmp_path: Path) -> None:
         str(tmp_path / "tf" / "ckpt")
     )
     assert detect(prefix) == "tf" and detect(prefix + ".index") == "tf"
-    recorder = _Recorder()
+    recorder = Recorder()
     report = import_checkpoint(prefix, tmp_path / "sv", progress=recorder)
     assert recorder.totals == [6 * 4 + 2 * 2 + 8] == [sum(recorder.advances)]  # kernel, half, n
     state = sv.load(tmp_path / "sv")
@@ -207,13 +193,13 @@ def test_damaged_dcp_is_a_corrupt_checkpoint_error(tmp_path: Path) -> None:
 def test_import_reports_progress_in_bytes(tmp_path: Path) -> None:
     arrays = {f"t{i}": np.full(1000 + i, i, dtype=np.float32) for i in range(5)}
     save_numpy(arrays, tmp_path / "w.safetensors")
-    recorder = _Recorder()
+    recorder = Recorder()
     import_checkpoint(tmp_path / "w.safetensors", tmp_path / "a", progress=recorder)
     assert recorder.totals == [sum(a.nbytes for a in arrays.values())]
     assert len(recorder.advances) == len(arrays) and sum(recorder.advances) == recorder.totals[0]
 
     torch.save({"w": torch.ones(5000), "b": torch.zeros(300)}, tmp_path / "c.pt")
-    recorder = _Recorder()
+    recorder = Recorder()
     import_checkpoint(tmp_path / "c.pt", tmp_path / "b", progress=recorder)
     assert recorder.totals == [os.path.getsize(tmp_path / "c.pt")]
     assert sum(recorder.advances) == recorder.totals[0] and all(n > 0 for n in recorder.advances)

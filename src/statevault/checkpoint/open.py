@@ -134,11 +134,15 @@ def _open_directory(directory: str) -> int:
         return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     except (FileNotFoundError, NotADirectoryError):
         raise CheckpointNotFoundError(f"no committed checkpoint at {directory}") from None
-    except OSError as exc:  # EACCES, ESTALE: there may well be a checkpoint; say so, never "none"
-        raise CheckpointError(
-            f"{directory}: cannot open the directory ({exc.strerror or exc}); check the "
-            "permissions and the mount"
-        ) from exc
+    except OSError as exc:
+        raise _cannot_tell(directory, "open the directory", exc) from exc
+
+
+def _cannot_tell(directory: str, what: str, exc: OSError) -> CheckpointError:
+    """EACCES, ESTALE: there may well be a checkpoint there; say so, never "none"."""
+    return CheckpointError(
+        f"{directory}: cannot {what} ({exc.strerror or exc}); check the permissions and the mount"
+    )
 
 
 def _local_manifest_bytes(dir_fd: int, directory: str) -> bytes:
@@ -147,11 +151,8 @@ def _local_manifest_bytes(dir_fd: int, directory: str) -> bytes:
         mode = os.stat(MANIFEST_NAME, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"no committed checkpoint at {directory}") from None
-    except OSError as exc:  # EACCES, ESTALE: there may well be a checkpoint; say so, never "none"
-        raise CheckpointError(
-            f"{directory}: cannot look for manifest.json ({exc.strerror or exc}); check the "
-            "permissions and the mount"
-        ) from exc
+    except OSError as exc:
+        raise _cannot_tell(directory, "look for manifest.json", exc) from exc
     if not stat.S_ISREG(mode):  # a symlink, directory, FIFO...
         raise CorruptCheckpointError(
             f"{directory}: manifest.json is not a regular file (a symlink, directory or "
