@@ -46,7 +46,6 @@ Mode = Literal["min", "max"]
 HANDFUL = 8
 # A committed checkpoint moved aside by the manager (CheckpointManager._make_room).
 CORRUPT_ASIDE = re.compile(r"^step_\d{9,19}\.corrupt-[0-9a-f]+$")
-_DEFAULT_LEASE_SECONDS = 60.0
 
 
 # ---- what a path is ---------------------------------------------------------------------------
