@@ -342,10 +342,17 @@ class CheckpointManager(RunQueries, RunRestore):
         """Block until the save in flight is durable and every replication it started is
         committed; raises a background failure."""
         self._check_open()
-        self._collect(block=True)
-        if self._replicator is not None:
-            self._replicator.wait()
-            self._apply_retention()  # what was kept only while it was being copied
+        self._settle_in_flight()
+
+    def _settle_in_flight(self) -> None:
+        """The save in flight collected, then the copies to the replica waited for (even when
+        the save failed), then retention of what was kept only while it was being copied."""
+        try:
+            self._collect(block=True)
+        finally:
+            if self._replicator is not None:
+                self._replicator.wait()
+                self._apply_retention()
 
     def prepare(self, state: Mapping[str, Any]) -> None:
         """Make async staging memory ready for ``state`` in the background (restore does it)."""
@@ -358,12 +365,7 @@ class CheckpointManager(RunQueries, RunRestore):
         if getattr(self, "_closed", True):
             return
         try:
-            try:
-                self._collect(block=True)
-            finally:
-                if self._replicator is not None:
-                    self._replicator.wait()
-                    self._apply_retention()  # what was kept only while it was being copied
+            self._settle_in_flight()
         except KeyboardInterrupt:
             raise
         except BaseException:
