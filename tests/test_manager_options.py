@@ -70,7 +70,7 @@ def test_max_to_keep_none_keeps_every_checkpoint(tmp_path: Path) -> None:
     [
         ({"max_to_keep": "3"}, TypeError, "max_to_keep must be an int"),
         ({"keep_every_n_steps": 0}, ValueError, "keep_every_n_steps must be None"),
-        ({"keep_best": 0, "best_metric": "loss"}, ValueError, "keep_best must be >= 1"),
+        ({"incremental": "yes"}, TypeError, "incremental must be True or False"),
         ({"best_mode": "lowest", "best_metric": "loss"}, ValueError, "best_mode must be"),
         ({"save_interval_steps": 0}, ValueError, "save_interval_steps must be None"),
         ({"save_interval_seconds": -5}, ValueError, "save_interval_seconds must be > 0"),

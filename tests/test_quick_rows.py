@@ -52,7 +52,9 @@ FIELDS = [
     "checksum",
     "attrs",
     "blocks",
+    "hash",
 ]
+HASHES = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda d: f"xxh3_128:{d}")
 
 
 @st.composite
@@ -82,6 +84,8 @@ def valid_rows(draw: st.DrawFn) -> dict[str, Any]:
     if nbytes > BLOCK_BYTES or draw(st.booleans()):
         count = max(1, -(-nbytes // BLOCK_BYTES)) - 1
         row["blocks"] = draw(st.lists(CHECKSUMS, min_size=count, max_size=count))
+    if draw(st.booleans()):  # incremental saves give rows a content hash
+        row["hash"] = draw(HASHES)
     return row
 
 
@@ -114,7 +118,18 @@ def _damage(draw: st.DrawFn, row: dict[str, Any]) -> None:
     """One damage, aimed at one rule of the validator."""
     action = draw(
         st.sampled_from(
-            ["replace", "delete", "nudge", "attrs", "shape", "reshape", "long", "start", "end"]
+            [
+                "replace",
+                "delete",
+                "nudge",
+                "attrs",
+                "hash",
+                "shape",
+                "reshape",
+                "long",
+                "start",
+                "end",
+            ]
         )
     )
     key = draw(st.sampled_from(FIELDS))
@@ -124,6 +139,8 @@ def _damage(draw: st.DrawFn, row: dict[str, Any]) -> None:
         row.pop(key, None)
     elif action == "nudge" and type(row.get(key)) is int:
         row[key] += draw(st.sampled_from([-1, 1, -(2**40), 2**63]))
+    elif action == "hash":  # a content hash of the wrong form or type
+        row["hash"] = draw(st.one_of(JSON_SCALARS, HASHES.map(lambda h: h.upper()), HASHES))
     elif action == "attrs":  # bools or not, requires_grad on any dtype
         values = st.one_of(st.booleans(), JSON_SCALARS)
         keys = st.sampled_from(["parameter", "requires_grad", "device"])

@@ -258,11 +258,7 @@ def test_best_metric_keeps_the_best_k(
     run = tmp_path / "run"
     metrics = {step: {"score": v} for step, v in enumerate(values, start=1)}
     with sv.CheckpointManager(
-        run,
-        max_to_keep=1,
-        best_metric="score",
-        best_mode=mode,
-        keep_best=2,
+        run, retention=[sv.KeepLatest(1), sv.KeepBest("score", mode, 2)]
     ) as mgr:
         save_steps(mgr, metrics, metrics)
         assert mgr.all_steps() == [*expected_best, 6]
@@ -278,9 +274,7 @@ def test_all_three_policies_combined(tmp_path: Path) -> None:
     run = tmp_path / "run"
     losses = [0.9, 0.8, 0.3, 0.7, 0.6, 0.5, 0.4, 0.35, 0.45, 0.55, 0.65, 0.75]
     metrics = {step: {"loss": v} for step, v in enumerate(losses, start=1)}
-    with sv.CheckpointManager(
-        run, max_to_keep=2, keep_every_n_steps=5, best_metric="loss", keep_best=1
-    ) as mgr:
+    with sv.CheckpointManager(run, max_to_keep=2, keep_every_n_steps=5, best_metric="loss") as mgr:
         save_steps(mgr, metrics, metrics)
         assert mgr.all_steps() == [3, 5, 10, 11, 12]
         reasons = {r.step: r.kept_because for r in mgr.checkpoints()}

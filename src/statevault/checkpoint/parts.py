@@ -43,6 +43,9 @@ class Part:
     chunks: dict[int, dict[str, Any]] = field(default_factory=dict)  # leaf -> geometry
     per_rank: list[Any] = field(default_factory=list)  # this rank's per-rank subtrees, in order
     timings: dict[str, float] = field(default_factory=dict)
+    written_bytes: int = 0  # bytes of the files it wrote
+    shared_bytes: int = 0  # bytes of the files it shared with the previous checkpoint
+    stable_files: list[str] = field(default_factory=list)  # files of unchanged tensors only
 
     def to_json(self) -> bytes:
         doc = {
@@ -53,6 +56,9 @@ class Part:
             "chunks": {str(k): v for k, v in self.chunks.items()},
             "per_rank": self.per_rank,
             "timings": self.timings,
+            "written_bytes": self.written_bytes,
+            "shared_bytes": self.shared_bytes,
+            "stable_files": self.stable_files,
         }
         return json.dumps(doc, allow_nan=False).encode("ascii")
 
@@ -70,6 +76,9 @@ def part_from_json(data: bytes, rank: int) -> Part:
             chunks={int(k): dict(v) for k, v in doc["chunks"].items()},
             per_rank=list(doc["per_rank"]),
             timings={str(k): float(v) for k, v in doc["timings"].items()},
+            written_bytes=int(doc.get("written_bytes", 0)),
+            shared_bytes=int(doc.get("shared_bytes", 0)),
+            stable_files=[str(name) for name in doc.get("stable_files", [])],
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DistributedSaveError(
@@ -237,6 +246,9 @@ def part_of(job: SaveJob) -> Part:
         chunks=chunks,
         per_rank=per_rank_locals(job.plan.tree),
         timings=dict(job.timings),
+        written_bytes=job.written_bytes,
+        shared_bytes=job.shared_bytes,
+        stable_files=job.stable_files(),
     )
 
 

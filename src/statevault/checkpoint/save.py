@@ -39,7 +39,7 @@ from typing import Any
 from statevault.checkpoint.agree import check_agreement, propose
 from statevault.checkpoint.commit import committer_for
 from statevault.checkpoint.info import checkpoint_info
-from statevault.checkpoint.job import SaveJob, group_files
+from statevault.checkpoint.job import SaveJob
 from statevault.checkpoint.open import PathLike, open_checkpoint
 from statevault.checkpoint.parts import (
     Part,
@@ -49,6 +49,7 @@ from statevault.checkpoint.parts import (
     remove_parts,
     write_part,
 )
+from statevault.checkpoint.reuse import Baseline, Layout, plan_layout
 from statevault.checkpoint.stage import default_staging_budget, prepare_staging, stage_job
 from statevault.distributed.coordinator import DEFAULT_TIMEOUT_S, Group, SoloGroup, TorchGroup
 from statevault.distributed.group import rank_and_world
@@ -56,7 +57,7 @@ from statevault.engine.arena import StagingArena
 from statevault.engine.assignment import leaves_to_write
 from statevault.engine.background import BackgroundWorker
 from statevault.engine.plan import SavePlan
-from statevault.errors import DistributedSaveError
+from statevault.errors import CheckpointError, DistributedSaveError
 from statevault.format.manifest import Manifest
 from statevault.storage.location import Location, resolve
 
@@ -135,6 +136,7 @@ class _Pending:
     url: str
     job: SaveJob | None = None  # rank 0's: cleaned up at settle if nothing was committed
     target: Location | None = None
+    own: SaveJob | None = None  # this rank's: the baseline of the next incremental save
 
 
 class Saver:
@@ -142,7 +144,9 @@ class Saver:
     every rank of the initialized default process group; one process alone outside a job).
 
     ``read_back_manifest``: whether ranks other than 0 read the committed manifest back to
-    return it (``sv.save`` does; the manager, which needs no manifest there, does not)."""
+    return it (``sv.save`` does; the manager, which needs no manifest there, does not).
+    ``incremental``: record content hashes, and share with the checkpoint given as ``reuse``
+    what a save would write again byte for byte (checkpoint/reuse.py)."""
 
     def __init__(
         self,
@@ -152,8 +156,11 @@ class Saver:
         timeout_s: float | None = None,
         group: Group | None = None,
         read_back_manifest: bool = True,
+        incremental: bool = False,
     ) -> None:
         self.asynchronous = asynchronous
+        self.incremental = incremental
+        self._baseline: Baseline | None = None
         self.budget = staging_budget_bytes or default_staging_budget()
         self.arena = StagingArena(self.budget)
         self.timeout_s = timeout_s if timeout_s is not None else default_timeout_s()
@@ -186,7 +193,10 @@ class Saver:
         metadata: Any = None,
         overwrite: bool = False,
         extra_info: Mapping[str, Any] | None = None,
+        reuse: Location | None = None,
     ) -> SaveFuture:
+        """Save ``state`` to ``directory``; returns once it is staged (asynchronous) or committed.
+        ``reuse``: the run's newest committed checkpoint, for an incremental save."""
         self.wait()
         started = time.perf_counter()
         group = self.group
@@ -196,6 +206,8 @@ class Saver:
         replies = group.all_gather(proposal)
         written = check_agreement(replies, target, committer, own_error, group)
         assert plan is not None  # planning errors were raised by the agreement
+        baseline = self._baseline_for(reuse, group.rank)
+        layout = self._layout(plan, proposal.digest, group, baseline)
         job = SaveJob(
             plan,
             target,
@@ -203,10 +215,13 @@ class Saver:
             {**(extra_info or {}), "world_size": group.size},
             committer,
             written,
-            self._files(plan, proposal.digest, group),
+            layout.files,
             self.asynchronous,
             {"prepare_s": time.perf_counter() - started},
             rank=group.rank,
+            baseline=baseline,
+            candidates=layout.candidates,
+            content_hashes=self.incremental,
         )
         self._in_flight_job = job
         future: Future[Manifest | None] = Future()
@@ -221,15 +236,19 @@ class Saver:
                 future = self._executor().submit(self._share, job, last_piece, staged, started)
             else:
                 _run_into(future, lambda: self._share(job, last_piece, staged, started))
-        self._pending = _Pending(future, target.url, job if group.rank == 0 else None, target)
+        self._pending = _Pending(
+            future, target.url, job if group.rank == 0 else None, target, own=job
+        )
         if self.asynchronous:
             return SaveFuture(target.url, future, job.timings)  # type: ignore[arg-type]
         result: Future[Manifest] = Future()
         result.set_result(self._settle())  # type: ignore[arg-type]  # None: see read_back
         return SaveFuture(target.url, result, job.timings)
 
-    def _files(self, plan: SavePlan, digest: str, group: Group) -> list[list[int]]:
-        """This rank's leaves grouped into shard files; reused while the plan is unchanged."""
+    def _layout(
+        self, plan: SavePlan, digest: str, group: Group, baseline: Baseline | None
+    ) -> Layout:
+        """This rank's leaves grouped into shard files (reuse.py lays out an incremental save)."""
         if group.size == 1:
             mine = list(range(len(plan.leaves)))  # a group of one writes everything
         else:
@@ -239,7 +258,28 @@ class Saver:
                     self._assignments.clear()
                 self._assignments[key] = leaves_to_write(plan, group.rank, group.size)
             mine = self._assignments[key]
-        return group_files(plan, mine, self.budget // 2 if self.asynchronous else None)
+        budget = self.budget // 2 if self.asynchronous else None
+        return plan_layout(plan, mine, baseline, budget, self.incremental)
+
+    def _files(self, plan: SavePlan, digest: str, group: Group) -> list[list[int]]:
+        """This rank's leaves grouped into shard files, as a full save lays them out."""
+        return self._layout(plan, digest, group, None).files
+
+    def _baseline_for(self, reuse: Location | None, rank: int) -> Baseline | None:
+        """What an incremental save may share: the remembered own files of the last save when
+        ``reuse`` is that checkpoint, else those the manifest of ``reuse`` lists for this rank
+        (after a restart); nothing when it cannot be read (the save is then a full one)."""
+        if not self.incremental or reuse is None:
+            return None
+        known = self._baseline
+        if known is not None and known.location.url == reuse.url:
+            return known
+        try:
+            with open_checkpoint(reuse) as previous:
+                return Baseline.of(reuse, previous.manifest, rank)
+        except CheckpointError as exc:
+            logger.warning("statevault: %s cannot be reused (%s): a full save", reuse.url, exc)
+            return None
 
     def _share(
         self, job: SaveJob, files: list[int], staged: dict[int, memoryview], started: float
@@ -276,6 +316,10 @@ class Saver:
         remove_parts(job, world)
         mode = "async" if job.asynchronous else "sync"
         manifest.info = checkpoint_info(job.plan, job.timings, job.extra_info, started, mode)
+        if self.incremental:  # what this save wrote, and what it shared with the previous one
+            manifest.info["save"]["bytes_written"] = sum(p.written_bytes for p in parts)
+            manifest.info["save"]["bytes_shared"] = sum(p.shared_bytes for p in parts)
+            manifest.info["save"]["stable_files"] = sorted(n for p in parts for n in p.stable_files)
         if world > 1:
             save_info = manifest.info["save"]
             save_info["bytes"] = sum(t.nbytes for t in manifest.tensors)
@@ -316,9 +360,12 @@ class Saver:
         if pending is None:
             return None
         try:
-            return self._settle_outcomes(pending)
+            manifest = self._settle_outcomes(pending)
         finally:
             self._clean_up(pending)
+        if self.incremental and pending.own is not None:  # committed: the next save's baseline
+            self._baseline = pending.own.next_baseline()
+        return manifest
 
     _settle = wait
 

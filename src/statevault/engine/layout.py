@@ -11,6 +11,9 @@ import heapq
 import math
 from collections.abc import Sequence
 
+from statevault.engine.plan import SavePlan
+from statevault.format import dtypes
+
 MIN_FILE_BYTES = 64 << 20
 MAX_FILES = 8
 
@@ -39,3 +42,21 @@ def assign_files(
         files[slot].append(index)
         heapq.heappush(heap, (load + sizes[index], slot))
     return [sorted(members) for members in files if members]
+
+
+def group_files(
+    plan: SavePlan, leaves: Sequence[int], max_file_bytes: int | None
+) -> list[list[int]]:
+    """``leaves`` (leaf indices) grouped into shard files of at most ``max_file_bytes`` (None: as
+    the layout rule has it), each file's leaves ordered for alignment."""
+    groups = assign_files(
+        [plan.leaves[i].spec.nbytes for i in leaves], max_file_bytes=max_file_bytes
+    )
+    return _aligned(plan, [[leaves[j] for j in members] for members in groups])
+
+
+def _aligned(plan: SavePlan, files: list[list[int]]) -> list[list[int]]:
+    """Order each file's leaves by item size, largest first: every size is a multiple of its
+    (power of two) item size, so each tensor starts aligned to it, and views need no copy."""
+    itemsize = {i: dtypes.lookup(leaf.spec.dtype).itemsize for i, leaf in enumerate(plan.leaves)}
+    return [sorted(members, key=lambda i: (-itemsize[i], i)) for members in files]

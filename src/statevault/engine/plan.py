@@ -11,6 +11,7 @@ every shared leaf, so that shared leaf numbers agree on every rank whatever each
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,9 @@ class Leaf:
     spec: ArraySpec
     shard: ShardInfo | None = None  # set for the local piece of a sharded tensor
     per_rank: bool = False  # reached only through a per-rank subtree
+    # A module's parameter that does not require gradients (a frozen base, say): a hint that
+    # it will not change, for the layout of an incremental save (checkpoint/reuse.py).
+    frozen: bool = False
 
 
 @dataclass
@@ -63,6 +67,7 @@ class _Planner:
         self.split_ranks = per_rank
         self.in_rank_subtree = False
         self.deferred: list[tuple[dict[str, Any], Any, str]] = []
+        self.frozen: set[str] = set()  # key paths of frozen parameters (Leaf.frozen)
 
     def encode_leaf(self, value: Any, path: str) -> tree.Node | None:
         if _is_numpy_scalar(value):
@@ -83,6 +88,14 @@ class _Planner:
         return None
 
     def stateful(self, value: Any, stateful: Any, path: str) -> tree.Node:
+        named = getattr(value, "named_parameters", None)
+        if callable(named):  # a module: which of its parameters are frozen (duck-typed)
+            with contextlib.suppress(Exception):  # a hint only: never fail a save for it
+                self.frozen.update(
+                    tree.join_path(path, name)
+                    for name, parameter in named()
+                    if getattr(parameter, "requires_grad", True) is False
+                )
         return {
             "$": "stateful",
             "type": type_name(value),
@@ -94,7 +107,9 @@ class _Planner:
         identity = adapter.identity(value)
         if identity is not None and identity in self.seen:
             return self.seen[identity]
-        self.leaves.append(Leaf(path, adapter, value, spec, per_rank=self.in_rank_subtree))
+        leaf = Leaf(path, adapter, value, spec, per_rank=self.in_rank_subtree)
+        leaf.frozen = path in self.frozen
+        self.leaves.append(leaf)
         index = len(self.leaves) - 1
         if identity is not None:
             self.seen[identity] = index
@@ -111,7 +126,9 @@ class _Planner:
         key = ("sharded", identity) if identity is not None else None
         if key is not None and key in self.seen:
             return self.seen[key]
-        self.leaves.append(Leaf(path, adapter, local, spec, info, self.in_rank_subtree))
+        leaf = Leaf(path, adapter, local, spec, info, self.in_rank_subtree)
+        leaf.frozen = path in self.frozen
+        self.leaves.append(leaf)
         if key is not None:
             self.seen[key] = len(self.leaves) - 1
         return len(self.leaves) - 1

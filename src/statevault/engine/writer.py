@@ -20,7 +20,7 @@ from statevault.engine import direct_io
 from statevault.engine.cancel import Cancel
 from statevault.engine.parallel import run_parallel
 from statevault.format import dtypes
-from statevault.format.checksum import crc32c_of, format_checksum
+from statevault.format.checksum import ContentHasher, content_hash, crc32c_of, format_checksum
 from statevault.format.manifest import BLOCK_BYTES, FileEntry, TensorEntry
 from statevault.format.safetensors_io import HeaderEntry, encode_header
 from statevault.storage.base import Storage, WriteHandle
@@ -47,15 +47,25 @@ def write_files(
     files: Sequence[tuple[str, Sequence[PendingTensor]]],
     shard_metadata: dict[str, str],
     cancel: Cancel | None = None,
+    content_hashes: bool = False,
 ) -> tuple[list[FileEntry], list[list[TensorEntry]]]:
     """Write every (file name, tensors) in parallel; return the file rows and tensor rows.
-    Once ``cancel`` is set, each writer stops before its next chunk (SaveAbandoned)."""
+    Once ``cancel`` is set, each writer stops before its next chunk (SaveAbandoned).
+    ``content_hashes``: also give every row its content hash (incremental saves), computed
+    chunk by chunk as it is written, like the CRC."""
     if not files:
         return [], []
     cancel = cancel or Cancel()
     calls = [
         functools.partial(
-            _call_write_file, storage, f"{directory}/{name}", name, tensors, shard_metadata, cancel
+            _call_write_file,
+            storage,
+            f"{directory}/{name}",
+            name,
+            tensors,
+            shard_metadata,
+            cancel,
+            content_hashes,
         )
         for name, tensors in files
     ]
@@ -70,9 +80,10 @@ def _call_write_file(
     tensors: Sequence[PendingTensor],
     shard_metadata: dict[str, str],
     cancel: Cancel,
+    content_hashes: bool,
 ) -> tuple[FileEntry, list[TensorEntry]]:
     # Looked up at call time so that tests can inject faults by patching ``write_file``.
-    return write_file(storage, path, name, tensors, shard_metadata, cancel)
+    return write_file(storage, path, name, tensors, shard_metadata, cancel, content_hashes)
 
 
 def write_file(
@@ -82,8 +93,9 @@ def write_file(
     tensors: Sequence[PendingTensor],
     shard_metadata: dict[str, str],
     cancel: Cancel | None = None,
+    content_hashes: bool = False,
 ) -> tuple[FileEntry, list[TensorEntry]]:
-    header = encode_header(_header_entries(tensors), shard_metadata)
+    header = shard_header(tensors, shard_metadata)
     size = len(header) + sum(len(t.data) for t in tensors)
     cancel = cancel or Cancel()
     cancel.check()
@@ -91,25 +103,26 @@ def write_file(
         direct = direct_io.open_sink(handle, size)  # None: buffered writes (see direct_io)
         with direct if direct is not None else contextlib.nullcontext():
             out = direct or handle
-            rows = _write_payload(out, header, name, tensors, direct is None, cancel)
+            sink = _CoalescingSink(out, COALESCE_BYTES if direct is None else 0, cancel)
+            sink.content_hashes = content_hashes
+            rows = _write_payload(sink, header, name, tensors)
     return FileEntry(name, size, len(header), format_checksum(crc32c_of(header))), rows
 
 
+def shard_header(tensors: Sequence[PendingTensor], shard_metadata: dict[str, str]) -> bytes:
+    """The safetensors header of a shard of ``tensors`` (its first bytes)."""
+    return encode_header(_header_entries(tensors), shard_metadata)
+
+
 def _write_payload(
-    out: WriteHandle | direct_io.DirectSink,
-    header: bytes,
-    name: str,
-    tensors: Sequence[PendingTensor],
-    coalesce: bool,
-    cancel: Cancel,
+    sink: _CoalescingSink, header: bytes, name: str, tensors: Sequence[PendingTensor]
 ) -> list[TensorEntry]:
     """Write the header, then every tensor (checksummed as it goes); return the tensor rows."""
     rows: list[TensorEntry] = []
     offset = len(header)
-    out.write(memoryview(header))
-    sink = _CoalescingSink(out, COALESCE_BYTES if coalesce else 0, cancel)
+    sink.handle.write(memoryview(header))
     for tensor in tensors:
-        checksum, blocks = sink.write_checksummed(tensor.data)
+        checksum, blocks, content = sink.write_checksummed(tensor.data)
         rows.append(
             TensorEntry(
                 path=tensor.path,
@@ -122,6 +135,7 @@ def _write_payload(
                 checksum=format_checksum(checksum),
                 attrs=dict(tensor.attrs),
                 blocks=tuple(format_checksum(b) for b in blocks),
+                hash=content,
             )
         )
         offset += len(tensor.data)
@@ -159,24 +173,30 @@ class _CoalescingSink:
         self.coalesce = coalesce
         self.cancel = cancel
         self.buffer = bytearray()
+        self.content_hashes = False
 
-    def write_checksummed(self, data: memoryview) -> tuple[int, list[int]]:
-        """Write ``data``; return its CRC32C and the running CRC at each inner block boundary
-        (computed block by block just before each chunk is written, while it is hot)."""
+    def write_checksummed(self, data: memoryview) -> tuple[int, list[int], str | None]:
+        """Write ``data``; return its CRC32C, the running CRC at each inner block boundary
+        (computed block by block just before each chunk is written, while it is hot) and, with
+        ``content_hashes``, its content hash (computed the same way)."""
         if len(data) < self.coalesce:
             self.buffer += data
             if len(self.buffer) >= self.coalesce:
                 self.flush()
-            return _running_crcs(data, 0, len(data), 0, [])
+            content = content_hash(data) if self.content_hashes else None
+            return (*_running_crcs(data, 0, len(data), 0, []), content)
         self.flush()
         checksum = 0
         boundaries: list[int] = []
+        hasher = ContentHasher() if self.content_hashes else None
         for start in range(0, len(data), CHUNK_BYTES):
             end = min(start + CHUNK_BYTES, len(data))
             checksum, boundaries = _running_crcs(data, start, end, checksum, boundaries)
+            if hasher is not None:
+                hasher.update(data[start:end])
             self.cancel.check()
             self.handle.write(data[start:end])
-        return checksum, boundaries
+        return checksum, boundaries, hasher.text() if hasher is not None else None
 
     def flush(self) -> None:
         if self.buffer:

@@ -23,7 +23,12 @@ from typing import Any
 
 from statevault.errors import CorruptCheckpointError, UnsupportedFormatError
 from statevault.format import dtypes
-from statevault.format.checksum import crc32c_of, format_checksum, parse_checksum
+from statevault.format.checksum import (
+    CONTENT_HASH_PATTERN,
+    crc32c_of,
+    format_checksum,
+    parse_checksum,
+)
 from statevault.format.geometry import Box, GeometryError, check_chunks
 from statevault.format.names import is_safe_file_name
 from statevault.format.quick_rows import GRAD_DTYPE_PREFIXES, tensor_entry_or_none
@@ -68,6 +73,9 @@ class TensorEntry:
     # The running CRC32C after each whole BLOCK_BYTES block but the last (whose running CRC is
     # ``checksum``): empty for tensors of one block.
     blocks: tuple[str, ...] = ()
+    # The content hash of the bytes (format.checksum.content_hash), written by incremental saves
+    # only: what the next save compares with to reuse the file instead of writing it again.
+    hash: str | None = None
 
     def block_count(self) -> int:
         return max(1, -(-self.nbytes // BLOCK_BYTES))
@@ -155,6 +163,8 @@ def tensor_row_json(tensor: TensorEntry) -> dict[str, Any]:
         row["attrs"] = copy.deepcopy(tensor.attrs)
     if tensor.blocks:
         row["blocks"] = list(tensor.blocks)
+    if tensor.hash is not None:
+        row["hash"] = tensor.hash
     return row
 
 
@@ -368,6 +378,7 @@ class _Validator:
             checksum=self.checksum(row, "checksum", ctx),
             attrs=self.attrs(row, dtype_name, ctx),
             blocks=self.blocks(row, ctx),
+            hash=self.content_hash(row, ctx),
         )
         expected = math.prod(shape) * dtypes.lookup(dtype_name).itemsize
         if expected != entry.nbytes:
@@ -383,6 +394,14 @@ class _Validator:
         if entry.offset < file.header_size or entry.offset + entry.nbytes > file.size:
             raise self.fail(f"{ctx}: byte range lies outside {file_name}")
         return entry
+
+    def content_hash(self, row: dict[str, Any], ctx: str) -> str | None:
+        if "hash" not in row:
+            return None
+        text: str = self.get(row, "hash", str, ctx)
+        if CONTENT_HASH_PATTERN.fullmatch(text) is None:
+            raise self.fail(f"{ctx}.hash is not an xxh3_128 content hash")
+        return text
 
     def blocks(self, row: dict[str, Any], ctx: str) -> tuple[str, ...]:
         if "blocks" not in row:

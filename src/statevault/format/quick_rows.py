@@ -15,6 +15,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from statevault.format import dtypes
+from statevault.format.checksum import CONTENT_HASH_PATTERN
 
 if TYPE_CHECKING:
     from statevault.format.manifest import FileEntry, TensorEntry
@@ -67,6 +68,11 @@ def tensor_entry_or_none(
     blocks = _blocks_or_none(row, nbytes, block_bytes)
     if attrs is None or blocks is None:
         return None
+    content = get("hash")
+    if "hash" in row and (
+        type(content) is not str or CONTENT_HASH_PATTERN.fullmatch(content) is None
+    ):
+        return None
     return TensorEntry(
         path,
         framework,
@@ -78,6 +84,7 @@ def tensor_entry_or_none(
         checksum,
         attrs,
         blocks,
+        content,
     )
 
 

@@ -45,6 +45,7 @@ from statevault.manager.index import (
     read_annotations,
     read_record,
 )
+from statevault.manager.lifecycle import RunLifecycle
 from statevault.manager.naming import ANNOTATIONS_FILE
 from statevault.manager.preemption import PreemptionWatcher
 from statevault.manager.queries import RunQueries
@@ -57,21 +58,27 @@ from statevault.manager.retention import (
 from statevault.manager.role import Role
 from statevault.manager.run import new_run, new_session, read_run, write_run
 from statevault.manager.rundir import RunDir
+from statevault.storage.location import Location
 
 logger = logging.getLogger("statevault")
 
 
-class CheckpointManager(RunQueries, RunRestore):
+class CheckpointManager(RunQueries, RunRestore, RunLifecycle):
     """Manages the checkpoints of one run directory (see the module docstring).
 
     ``directory``: a local path (the fast path) or any fsspec URL (``s3://bucket/run``,
     ``memory://...``); ``storage_options`` reach fsspec (endpoint, credentials). Retention:
     the shortcuts ``max_to_keep`` (default 3; None keeps all), ``keep_every_n_steps`` and
-    ``best_metric`` with ``best_mode`` and ``keep_best``, or a list of policies as
+    ``best_metric`` with ``best_mode`` (the best one; ``sv.KeepBest`` keeps more), or a list
+    of policies as
     ``retention=``, not both. ``replicate_to``: a second, durable tier (an ``sv.Replica``, or
     its URL; ``directory`` must then be local): copies in the background, its own retention;
     ``restore`` picks the newest valid checkpoint of either tier. ``options``: an
     ``sv.RunOptions`` (run name and metadata, staging budget, lease and sweep timings).
+    ``incremental`` (default True): a save writes only the files whose tensors changed since
+    the newest checkpoint and shares the others with it (hard links on a local disk,
+    server-side copies on an object store); every checkpoint stays whole (README
+    "Incremental checkpoints").
     """
 
     def __init__(
@@ -82,7 +89,6 @@ class CheckpointManager(RunQueries, RunRestore):
         keep_every_n_steps: int | None = None,
         best_metric: str | None = None,
         best_mode: Literal["min", "max"] = "min",
-        keep_best: int = 1,
         retention: Sequence[RetentionPolicy] | None = None,
         save_interval_steps: int | None = None,
         save_interval_seconds: float | None = None,
@@ -91,6 +97,7 @@ class CheckpointManager(RunQueries, RunRestore):
         storage_options: Mapping[str, Any] | None = None,
         replicate_to: Replica | str | os.PathLike[str] | None = None,
         options: RunOptions | None = None,
+        incremental: bool = True,
     ) -> None:
         self.save_interval_steps = check.count_or_none(
             "save_interval_steps", save_interval_steps, "save at every step"
@@ -99,8 +106,10 @@ class CheckpointManager(RunQueries, RunRestore):
             "save_interval_seconds", save_interval_seconds
         )
         self.retention = retention_policies(
-            max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best, retention
+            max_to_keep, keep_every_n_steps, best_metric, best_mode, 1, retention
         )
+        if not isinstance(incremental, bool):
+            raise TypeError(f"incremental must be True or False, got {incremental!r}")
         run_options = options if options is not None else RunOptions()
         if not isinstance(run_options, RunOptions):
             raise TypeError(f"options takes an sv.RunOptions, got {type(options).__name__}")
@@ -123,6 +132,7 @@ class CheckpointManager(RunQueries, RunRestore):
             asynchronous=async_save,
             staging_budget_bytes=run_options.staging_budget_bytes,
             read_back_manifest=False,
+            incremental=incremental,
         )
         self._role = Role(self._saver)
         error: BaseException | None = None
@@ -242,7 +252,12 @@ class CheckpointManager(RunQueries, RunRestore):
             "metrics": encode_metrics(metrics),
         }
         future = self._saver.save(
-            state, self._dir.target(step), metadata=metadata, overwrite=overwrite, extra_info=extra
+            state,
+            self._dir.target(step),
+            metadata=metadata,
+            overwrite=overwrite,
+            extra_info=extra,
+            reuse=self._newest_committed(),
         )
         self._pending = (step, future)
         self._last_save_time = time.monotonic()
@@ -254,6 +269,11 @@ class CheckpointManager(RunQueries, RunRestore):
         else:
             self._collect(block=False)
         return True
+
+    def _newest_committed(self) -> Location | None:
+        """The checkpoint an incremental save shares unchanged files with."""
+        committed = self._scan.committed()
+        return self._dir.checkpoint(committed[-1].step) if committed else None
 
     def _collect(self, block: bool) -> None:
         """Account for a finished save: index it, replicate it if due, then apply retention
@@ -335,85 +355,6 @@ class CheckpointManager(RunQueries, RunRestore):
         self._dir.write_side_file(record.path, ANNOTATIONS_FILE, annotations_bytes(merged))
         record.metrics.update(plain_metrics(metrics))
         self._apply_retention()
-
-    # ---- lifecycle -------------------------------------------------------------------------
-
-    def wait(self) -> None:
-        """Block until the save in flight is durable and every replication it started is
-        committed; raises a background failure."""
-        self._check_open()
-        self._settle_in_flight()
-
-    def _settle_in_flight(self) -> None:
-        """The save in flight collected, then the copies to the replica waited for (even when
-        the save failed), then retention of what was kept only while it was being copied."""
-        try:
-            self._collect(block=True)
-        finally:
-            if self._replicator is not None:
-                self._replicator.wait()
-                self._apply_retention()
-
-    def prepare(self, state: Mapping[str, Any]) -> None:
-        """Make async staging memory ready for ``state`` in the background (restore does it)."""
-        self._saver.prepare(state)
-
-    def close(self) -> None:
-        """Wait for the save in flight and for replication, then release the run. Raises a
-        background failure. Interrupted by Ctrl-C, the manager stays open: the exit hook then
-        finishes or abandons what is in flight (closing.py)."""
-        if getattr(self, "_closed", True):
-            return
-        try:
-            self._settle_in_flight()
-        except KeyboardInterrupt:
-            raise
-        except BaseException:
-            self._release()
-            raise
-        self._release()
-
-    def _close_at_exit(self) -> None:
-        """Close at interpreter exit, or when a ``with`` block is left by Ctrl-C: say so when
-        the save in flight takes a while, give the copies to the replica at most the exit
-        grace, and abandon what is in flight on (another) Ctrl-C (closing.py)."""
-        if self._closed:
-            return
-        if not self._saver.idle():
-            where = self.path(self._pending[0]) if self._pending else self.directory
-            closing.wait_announced(
-                self._saver.idle, f"the save to {where}", lambda: self._saver.abandon("Ctrl-C")
-            )
-        try:
-            if self._role.distributed:
-                # No collective at exit: the ranks may be out of step (one raised, one was
-                # interrupted elsewhere). Rank 0 commits on its own once every share is written.
-                self._pending = None
-                self._saver.settle_alone()
-            else:
-                self._collect(block=True)
-        finally:
-            replicator = self._replicator
-            if replicator is not None:
-                closing.wait_announced(
-                    replicator.idle,
-                    f"the copy to {replicator.replica.url}",
-                    lambda: replicator.abandon("exit"),
-                    closing.exit_grace_s(),
-                )
-            self.close()
-
-    def _release(self) -> None:
-        self._closed = True
-        closing.untrack(self)
-        try:
-            if self._replicator is not None:
-                self._replicator.close()
-        finally:
-            self._saver.close()
-            self._preemption.uninstall()
-            if self._role.leader:
-                self._release_locks()
 
     def _check_open(self) -> None:
         if self._closed:

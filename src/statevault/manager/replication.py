@@ -37,8 +37,13 @@ from statevault.checkpoint import commit, open_checkpoint
 from statevault.checkpoint.verify import verify
 from statevault.engine.background import BackgroundWorker
 from statevault.engine.cancel import Cancel
-from statevault.errors import CheckpointExistsError, CorruptCheckpointError, StorageError
-from statevault.format.manifest import FileEntry
+from statevault.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    StorageError,
+)
+from statevault.format.manifest import FileEntry, Manifest
 from statevault.format.names import MANIFEST_NAME, is_shard_name, marker_name
 from statevault.manager.index import CheckpointRecord, RunScan, read_record, scan_run
 from statevault.manager.naming import ANNOTATIONS_FILE, step_dir_name
@@ -50,15 +55,36 @@ from statevault.storage.location import Location
 logger = logging.getLogger("statevault")
 
 
+# A shard file's identity for replication: its size, header checksum and content hashes (the
+# rows of an incremental save have them). Equal keys mean equal bytes.
+BlobKey = tuple[int, str, tuple[str, ...]]
+
+
+def blob_keys(manifest: Manifest) -> dict[str, BlobKey]:
+    """The key of every file of ``manifest`` whose tensors all carry a content hash."""
+    hashes: dict[str, list[tuple[int, str | None]]] = {}
+    for row in manifest.tensors:
+        hashes.setdefault(row.file, []).append((row.offset, row.hash))
+    keys = {}
+    for entry in manifest.files:
+        found = sorted(hashes.get(entry.name, []))
+        if found and all(h is not None for _, h in found):
+            keys[entry.name] = (entry.size, entry.header_checksum, tuple(str(h) for _, h in found))
+    return keys
+
+
 def copy_checkpoint(
     source: str,
     target: Location,
     part_bytes: int = PART_BYTES,
     cancel: Cancel | None = None,
+    blobs: dict[BlobKey, Location] | None = None,
 ) -> bool:
     """Replicate the committed local checkpoint ``source`` to ``target`` (protocol above).
 
-    Returns False when ``target`` already held it. Example::
+    ``blobs``: files already on the replica, by key (:func:`blob_keys`): a file of ``source``
+    with one of those keys is copied server-side from it, not uploaded again, and the files
+    this copy uploads are added. Returns False when ``target`` already held it. Example::
 
         copy_checkpoint("/scratch/run/step_000001000", resolve("s3://b/run/step_000001000"))
     """
@@ -80,14 +106,19 @@ def copy_checkpoint(
         target.storage.make_dir(target.path)
         _copy_marker(source, target)
         written = target
+    keys = blob_keys(checkpoint.manifest)
+    known = blobs if blobs is not None else {}
     try:
-        _copy_files(source, checkpoint.manifest.files, written, part_bytes, cancel or Cancel())
+        _copy_files(
+            source, checkpoint.manifest.files, written, part_bytes, cancel or Cancel(), keys, known
+        )
         if target.local:
             commit.publish(written.path, target.path, overwrite=False)
     except BaseException:
         if target.local:
             commit.abandon(written.path)
         raise
+    known.update({key: target.join(name) for name, key in keys.items()})
     return True
 
 
@@ -117,10 +148,21 @@ def _clear_dead_copy(target: Location, names: set[str]) -> None:
 
 
 def _copy_files(
-    source: str, files: list[FileEntry], written: Location, part_bytes: int, cancel: Cancel
+    source: str,
+    files: list[FileEntry],
+    written: Location,
+    part_bytes: int,
+    cancel: Cancel,
+    keys: dict[str, BlobKey],
+    known: dict[BlobKey, Location],
 ) -> None:
-    """Every shard, then the annotations, then the manifest (the object-store commit)."""
+    """Every shard (server-side from the replica itself where it holds the same bytes), then
+    the annotations, then the manifest (the object-store commit)."""
     for entry in files:
+        there = known.get(keys[entry.name]) if entry.name in keys else None
+        if there is not None and written.storage.exists(there.path):
+            written.storage.share_file(there.path, written.join(entry.name).path)
+            continue
         retrying(
             lambda e=entry: _copy_file(  # type: ignore[misc]
                 os.path.join(source, e.name), written.join(e.name), e.size, part_bytes, cancel
@@ -180,6 +222,9 @@ class Replicator:
         self._lock = threading.Lock()
         self._busy: set[int] = set()
         self._futures: list[Future[None]] = []
+        # Files on the replica by content (blob_keys): each is uploaded once, then copied
+        # server-side. Seeded from the replica's newest checkpoint at the first copy.
+        self._blobs: dict[BlobKey, Location] | None = None
         self._pool: BackgroundWorker | None = None
         self._cancel = Cancel()
 
@@ -248,7 +293,9 @@ class Replicator:
         started = time.perf_counter()
         target = self.replica.join(step_dir_name(step))
         try:
-            copied = copy_checkpoint(source, target, self.part_bytes, self._cancel)
+            copied = copy_checkpoint(
+                source, target, self.part_bytes, self._cancel, self._known_blobs()
+            )
             record = read_record(target, step)
             with self._lock:
                 self.scan.records[step] = record
@@ -266,6 +313,22 @@ class Replicator:
         finally:
             with self._lock:
                 self._busy.discard(step)
+
+    def _known_blobs(self) -> dict[BlobKey, Location]:
+        """The replica's files by content: what this replicator copied, and after a restart
+        the files of the replica's newest committed checkpoint."""
+        if self._blobs is None:
+            self._blobs = {}
+            committed = self.committed()
+            if committed:
+                newest = self.replica.join(step_dir_name(committed[-1].step))
+                try:
+                    with open_checkpoint(newest) as checkpoint:
+                        keys = blob_keys(checkpoint.manifest)
+                except CheckpointError:
+                    keys = {}  # unreadable: everything is uploaded again
+                self._blobs = {key: newest.join(name) for name, key in keys.items()}
+        return self._blobs
 
     def _apply_retention(self) -> None:
         with self._lock:

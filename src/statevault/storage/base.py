@@ -105,6 +105,12 @@ class Storage(Protocol):
 
     def remove_tree(self, path: str) -> None: ...
 
+    def share_file(self, source: str, target: str) -> bool:
+        """Make ``target`` (which must not exist) hold the bytes of ``source`` without sending
+        them through this process where the storage can: a hard link on a local disk, a
+        server-side copy on an object store. True when shared that way, False when the bytes
+        were copied through this process instead (a filesystem without hard links)."""
+
     # Small whole objects (run.json, annotations, the run lease) and ages, for the manager.
 
     def write_bytes(self, path: str, data: bytes) -> None:

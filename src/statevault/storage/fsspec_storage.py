@@ -236,6 +236,13 @@ class FsspecStorage:
             self.call(path, self.fs.rm, path, recursive=True)
         self.fs.invalidate_cache(path)
 
+    def share_file(self, source: str, target: str) -> bool:
+        """A server-side copy (S3 CopyObject / UploadPartCopy through fsspec's ``copy``): no
+        byte passes through this process; the store holds a second copy of them."""
+        self.call_retrying(target, self.fs.copy, source, target)
+        self._fresh(target)
+        return True
+
     def write_bytes(self, path: str, data: bytes) -> None:
         """One PUT (an object store publishes it whole or not at all)."""
         self.call_retrying(path, self.fs.pipe_file, path, data)

@@ -12,6 +12,7 @@ A storage fault (a full, read-only or forbidden disk, an I/O error) raises
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -21,6 +22,11 @@ from statevault.storage.base import CommitsOnExit
 from statevault.storage.faults import typed_storage_errors
 
 _MAX_WRITE = 1 << 30  # per syscall; Linux caps a single write at ~2 GiB anyway
+_COPY_BYTES = 16 << 20
+# link() refused for what the filesystem is, not for what is wrong: copy instead.
+_NO_HARD_LINKS = frozenset(
+    {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+)
 
 
 class LocalWriteHandle(CommitsOnExit):
@@ -113,6 +119,22 @@ class LocalStorage:
                 os.unlink(os.path.join(path, MANIFEST_NAME))
             fsync_dir(path)
             shutil.rmtree(path, ignore_errors=False)
+
+    def share_file(self, source: str, target: str) -> bool:
+        """A hard link (both names then hold the same blocks: a deletion of either name leaves
+        the other whole); a durable copy where the filesystem has no hard links (or the two
+        paths are on different filesystems)."""
+        with typed_storage_errors(target):
+            try:
+                os.link(source, target, follow_symlinks=False)
+                return True
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+            with open(source, "rb", buffering=0) as reader, LocalWriteHandle(target) as handle:
+                while chunk := reader.read(_COPY_BYTES):
+                    handle.write(memoryview(chunk))
+            return False
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write aside, fsync, rename over ``path``, fsync the directory: all or nothing."""
