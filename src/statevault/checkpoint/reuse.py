@@ -105,7 +105,28 @@ def plan_layout(
     by_path = sorted(rest, key=lambda i: plan.leaves[i].path)
     layout.files += group_files(plan, by_path, max_file_bytes) if by_path else []
     layout.files += group_files(plan, volatile, max_file_bytes) if volatile else []
+    if baseline is not None:  # a file laid out as a baseline file was may repeat it
+        same = _files_by_content(baseline)
+        for index, members in enumerate(layout.files):
+            match = same.get(tuple(_signature(plan, i) for i in members))
+            if index not in layout.candidates and match is not None:
+                layout.candidates[index] = match
     return layout
+
+
+def _signature(plan: SavePlan, leaf: int) -> tuple[str, str, tuple[int, ...]]:
+    spec = plan.leaves[leaf].spec
+    return (plan.leaves[leaf].path, spec.dtype, spec.shape)
+
+
+def _files_by_content(
+    baseline: Baseline,
+) -> dict[tuple[tuple[str, str, tuple[int, ...]], ...], str]:
+    """The baseline files by the (path, dtype, shape) of their tensors, in order."""
+    return {
+        tuple((row.path, row.dtype, row.shape) for row in rows): name
+        for name, rows in baseline.rows.items()
+    }
 
 
 def _stable(leaf: Leaf, baseline: Baseline | None) -> bool:
@@ -155,7 +176,7 @@ def shareable_rows(
         return None
     if len(header) != entry.header_size:
         return None
-    for leaf, row in zip(leaves, rows, strict=True):
+    for leaf, row in zip(leaves, rows, strict=True):  # the first that differs ends it
         if content_hash(staged[leaf]) != row.hash:
             return None
     return rows if _still_there(baseline.location, entry) else None
