@@ -275,9 +275,9 @@ def plan_world(
         mine = leaves_to_write(plan, rank, world)
         t3 = time.perf_counter()
         saver._group = _SimGroup(rank, world)
-        files = saver._files(plan, digest, saver.group)
+        files = saver.rank_files.files(plan, digest, saver.group)
         t4 = time.perf_counter()
-        again = saver._files(plan, digest, saver.group)
+        again = saver.rank_files.files(plan, digest, saver.group)
         t5 = time.perf_counter()
         assert again == files and sorted(i for f in files for i in f) == mine
         job = simulated_write(plan, files, rank)

@@ -20,6 +20,8 @@ import torch
 
 import statevault as sv
 from statevault.checkpoint.open import open_checkpoint
+from statevault.cli.main import main
+from statevault.cli.render import human_bytes
 from statevault.format.checksum import crc32c_of, format_checksum
 from statevault.manager.naming import step_dir_name
 
@@ -191,6 +193,34 @@ def test_a_restarted_run_shares_at_its_first_save(tmp_path: Path) -> None:
         before = inodes(run_dir)
         mgr.save(3, lora.state())
         assert new_bytes(before, inodes(run_dir)) <= 1.1 * lora.changed_bytes() + 16 * 1024
+
+
+def test_ls_shows_per_checkpoint_the_bytes_written_and_shared(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    lora = LoraRun()
+    written = {}
+    with sv.CheckpointManager(run_dir) as mgr:
+        for step in range(3):
+            lora.step()
+            before = inodes(run_dir)
+            mgr.save(step, lora.state())
+            written[step] = new_bytes(before, inodes(run_dir))
+    capsys.readouterr()
+    assert main(["ls", str(run_dir), "--json"]) == 0
+    rows = {row["step"]: row["save"] for row in json.loads(capsys.readouterr().out)["checkpoints"]}
+    for step, save in rows.items():
+        # Shard files only: the filesystem's new bytes also hold the manifest and the marker.
+        assert 0 < written[step] - save["bytes_written"] < 16 * 1024, (step, save, written)
+    assert rows[0]["bytes_shared"] == 0
+    assert rows[2]["bytes_shared"] >= lora.base_bytes()
+    assert main(["ls", str(run_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "Written / shared" in table
+    line = next(line for line in table.splitlines() if line.strip().startswith("2 "))
+    shared_text = human_bytes(rows[2]["bytes_shared"])
+    assert f"{human_bytes(rows[2]['bytes_written'])} / {shared_text}" in line, line
 
 
 def test_incremental_false_writes_everything_and_records_no_hashes(tmp_path: Path) -> None:

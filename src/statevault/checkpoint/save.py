@@ -49,15 +49,13 @@ from statevault.checkpoint.parts import (
     remove_parts,
     write_part,
 )
-from statevault.checkpoint.reuse import Baseline, Layout, plan_layout
+from statevault.checkpoint.rank_files import RankFiles
 from statevault.checkpoint.stage import default_staging_budget, prepare_staging, stage_job
 from statevault.distributed.coordinator import DEFAULT_TIMEOUT_S, Group, SoloGroup, TorchGroup
 from statevault.distributed.group import rank_and_world
 from statevault.engine.arena import StagingArena
-from statevault.engine.assignment import leaves_to_write
 from statevault.engine.background import BackgroundWorker
-from statevault.engine.plan import SavePlan
-from statevault.errors import CheckpointError, DistributedSaveError
+from statevault.errors import DistributedSaveError
 from statevault.format.manifest import Manifest
 from statevault.storage.location import Location, resolve
 
@@ -160,8 +158,8 @@ class Saver:
     ) -> None:
         self.asynchronous = asynchronous
         self.incremental = incremental
-        self._baseline: Baseline | None = None
         self.budget = staging_budget_bytes or default_staging_budget()
+        self.rank_files = RankFiles(self.budget // 2 if asynchronous else None, incremental)
         self.arena = StagingArena(self.budget)
         self.timeout_s = timeout_s if timeout_s is not None else default_timeout_s()
         self.read_back_manifest = read_back_manifest
@@ -169,7 +167,6 @@ class Saver:
         self._pool: BackgroundWorker | None = None
         self._pending: _Pending | None = None
         self._in_flight_job: SaveJob | None = None
-        self._assignments: dict[tuple[str, int, int], list[int]] = {}
 
     @property
     def group(self) -> Group:
@@ -206,8 +203,8 @@ class Saver:
         replies = group.all_gather(proposal)
         written = check_agreement(replies, target, committer, own_error, group)
         assert plan is not None  # planning errors were raised by the agreement
-        baseline = self._baseline_for(reuse, group.rank)
-        layout = self._layout(plan, proposal.digest, group, baseline)
+        baseline = self.rank_files.baseline_for(reuse, group.rank)
+        layout = self.rank_files.layout(plan, proposal.digest, group, baseline)
         job = SaveJob(
             plan,
             target,
@@ -244,42 +241,6 @@ class Saver:
         result: Future[Manifest] = Future()
         result.set_result(self._settle())  # type: ignore[arg-type]  # None: see read_back
         return SaveFuture(target.url, result, job.timings)
-
-    def _layout(
-        self, plan: SavePlan, digest: str, group: Group, baseline: Baseline | None
-    ) -> Layout:
-        """This rank's leaves grouped into shard files (reuse.py lays out an incremental save)."""
-        if group.size == 1:
-            mine = list(range(len(plan.leaves)))  # a group of one writes everything
-        else:
-            key = (digest, group.rank, group.size)
-            if key not in self._assignments:
-                if len(self._assignments) > 8:
-                    self._assignments.clear()
-                self._assignments[key] = leaves_to_write(plan, group.rank, group.size)
-            mine = self._assignments[key]
-        budget = self.budget // 2 if self.asynchronous else None
-        return plan_layout(plan, mine, baseline, budget, self.incremental)
-
-    def _files(self, plan: SavePlan, digest: str, group: Group) -> list[list[int]]:
-        """This rank's leaves grouped into shard files, as a full save lays them out."""
-        return self._layout(plan, digest, group, None).files
-
-    def _baseline_for(self, reuse: Location | None, rank: int) -> Baseline | None:
-        """What an incremental save may share: the remembered own files of the last save when
-        ``reuse`` is that checkpoint, else those the manifest of ``reuse`` lists for this rank
-        (after a restart); nothing when it cannot be read (the save is then a full one)."""
-        if not self.incremental or reuse is None:
-            return None
-        known = self._baseline
-        if known is not None and known.location.url == reuse.url:
-            return known
-        try:
-            with open_checkpoint(reuse) as previous:
-                return Baseline.of(reuse, previous.manifest, rank)
-        except CheckpointError as exc:
-            logger.warning("statevault: %s cannot be reused (%s): a full save", reuse.url, exc)
-            return None
 
     def _share(
         self, job: SaveJob, files: list[int], staged: dict[int, memoryview], started: float
@@ -364,7 +325,7 @@ class Saver:
         finally:
             self._clean_up(pending)
         if self.incremental and pending.own is not None:  # committed: the next save's baseline
-            self._baseline = pending.own.next_baseline()
+            self.rank_files.baseline = pending.own.next_baseline()
         return manifest
 
     _settle = wait

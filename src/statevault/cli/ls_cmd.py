@@ -1,7 +1,8 @@
 """``statevault ls PATH``: the checkpoints of a run, or the runs under a directory.
 
 Over a run directory: the run's header (name, id, config, sessions, lineage), one row per
-checkpoint directory (step, created, size, metrics with later annotations, the save's timings,
+checkpoint directory (step, created, size, bytes the save wrote and shared with the
+checkpoint before it, metrics with later annotations, the save's timings,
 status: committed / corrupt and why / incomplete, and why retention keeps it) and the
 temporaries found (a save in flight, or the leftover of a dead one). A run's retention policy
 lives in its training script, not on disk: ``--keep-last/--keep-every/--best-metric`` say which
@@ -20,7 +21,7 @@ is never taken: ``ls`` works beside a live training job. ``--json`` prints one d
            "retention": str | null,  (the policy given by flags)
            "checkpoints": [{"step", "path", "status", "problem", "created", "bytes" (on disk),
                             "metrics", "save": {"mode", "bytes", "blocked_s", "write_s",
-                            "total_s", "write_gib_s"},
+                            "total_s", "write_gib_s", "bytes_written", "bytes_shared"},
                             "kept_because": [str] | null}],  ([]: the policy would delete it)
            "temporaries": [{"name", "path", "kind", "state", "bytes"}]}
     root: {"kind": "root", "path", "metric", "mode",
@@ -50,6 +51,15 @@ from statevault.cli.common import (
     add_storage_options,
     is_url,
 )
+from statevault.cli.ls_cells import (
+    NONE,
+    kept_text,
+    metrics_text,
+    number,
+    save_text,
+    short_time,
+    written_text,
+)
 from statevault.errors import CheckpointNotFoundError
 from statevault.manager.holder import Holder, live_holder
 from statevault.manager.index import CheckpointRecord, RunScan
@@ -61,8 +71,16 @@ from statevault.storage.location import resolve
 if TYPE_CHECKING:
     from statevault.cli.common import Subparsers
 
-SAVE_TIMINGS = ("mode", "bytes", "blocked_s", "write_s", "total_s", "write_gib_s")
-_NONE = "—"
+SAVE_TIMINGS = (
+    "mode",
+    "bytes",
+    "blocked_s",
+    "write_s",
+    "total_s",
+    "write_gib_s",
+    "bytes_written",
+    "bytes_shared",
+)
 
 
 def register(subparsers: Subparsers) -> None:
@@ -259,8 +277,8 @@ def run_header_grid(document: dict[str, Any]) -> Table:
     grid.add_row("Run", render.text(str(run["name"])))
     grid.add_row("Path", render.text(document["path"]))
     grid.add_row("Run id", render.text(run["run_id"] or "— (no run.json)"))
-    grid.add_row("Created", render.text(run["created"] or _NONE))
-    grid.add_row("Config", Pretty(run["config"]) if run["config"] is not None else Text(_NONE))
+    grid.add_row("Created", render.text(run["created"] or NONE))
+    grid.add_row("Config", Pretty(run["config"]) if run["config"] is not None else Text(NONE))
     grid.add_row("Sessions", render.text(sessions_line(run)))
     for i, entry in enumerate(run["lineage"]):
         grid.add_row("Lineage" if i == 0 else "", render.text(lineage_line(entry)))
@@ -303,6 +321,7 @@ def checkpoint_table(rows: list[dict[str, Any]]) -> Table:
     table.add_column("Step", justify="right", no_wrap=True)
     table.add_column("Created", no_wrap=True)
     table.add_column("Size", justify="right", no_wrap=True)
+    table.add_column("Written / shared", justify="right", no_wrap=True)
     for name in ("Metrics", "Save", "Status", "Kept because"):
         table.add_column(name, overflow="fold")
     for row in rows:
@@ -310,71 +329,13 @@ def checkpoint_table(rows: list[dict[str, Any]]) -> Table:
             str(row["step"]),
             render.text(short_time(row["created"])),
             render.human_bytes(row["bytes"]),
+            render.text(written_text(row["save"])),
             render.text(metrics_text(row["metrics"])),
             render.text(save_text(row["save"])),
             status_text(row),
             kept_text(row["kept_because"]),
         )
     return table
-
-
-def kept_text(reasons: list[str] | None) -> Text:
-    if reasons is None:
-        return Text(_NONE)
-    if not reasons:
-        return render.text("not kept: the policy would delete it", "yellow")
-    return render.text(", ".join(reasons))
-
-
-def short_time(created: str | None) -> str:
-    """``2025-01-02T03:04:05.678+00:00`` -> ``2025-01-02 03:04:05``."""
-    return created[:19].replace("T", " ") if created else _NONE
-
-
-def metrics_text(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{name}={_number(value)}" for name, value in metrics.items()) or _NONE
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return repr(value) if not isinstance(value, int) else str(value)
-
-
-def save_text(save: dict[str, Any]) -> str:
-    """``sync 12.3 ms, 1.2 GiB/s``; ``async blocked 1.0 ms of 50.2 ms, 1.2 GiB/s``.
-
-    A sync save blocks for its whole duration; an async one only for ``blocked_s``.
-    """
-    mode = save.get("mode") if isinstance(save.get("mode"), str) else None
-    blocked, total = _number_or_none(save.get("blocked_s")), _number_or_none(save.get("total_s"))
-    parts = [mode] if mode else []
-    if mode == "async" and blocked is not None and total is not None:
-        parts.append(f"blocked {_seconds(blocked)} of {_seconds(total)}")
-    elif total is not None:
-        parts.append(_seconds(total))
-    text = " ".join(parts)
-    rate = write_rate(save)
-    if rate is not None:
-        text += f", {render.human_bytes(int(rate))}/s"
-    return text or _NONE
-
-
-def _seconds(value: float) -> str:
-    return render.human_seconds(value)
-
-
-def write_rate(save: dict[str, Any]) -> float | None:
-    """Payload bytes per second of writing (exact, where write_gib_s is rounded to 0.001)."""
-    size, seconds = _number_or_none(save.get("bytes")), _number_or_none(save.get("write_s"))
-    if size is not None and seconds is not None and seconds > 0:
-        return size / seconds
-    gib_s = _number_or_none(save.get("write_gib_s"))
-    return gib_s * 2**30 if gib_s is not None else None
-
-
-def _number_or_none(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def status_text(row: dict[str, Any]) -> RenderableType:
@@ -433,7 +394,7 @@ def show_root(console: Console, document: dict[str, Any]) -> None:
             render.text(row["name"]),
             render.text(row["path"]),
             str(row["checkpoints"]),
-            str(row["latest_step"]) if row["latest_step"] is not None else _NONE,
+            str(row["latest_step"]) if row["latest_step"] is not None else NONE,
             render.text(best_text(row["best"])),
             render.text(short_time(row["last_updated"])),
             str(row["damaged"]) if row["damaged"] else "",
@@ -446,5 +407,5 @@ def show_root(console: Console, document: dict[str, Any]) -> None:
 
 def best_text(best: dict[str, Any] | None) -> str:
     if best is None:
-        return _NONE
-    return f"{best['metric']}={_number(best['value'])} ({best['mode']}) at step {best['step']}"
+        return NONE
+    return f"{best['metric']}={number(best['value'])} ({best['mode']}) at step {best['step']}"
