@@ -36,6 +36,7 @@ from statevault.manager import (
     RunOptions,
 )
 from statevault.state.per_rank import PerRank
+from statevault.state.resumable import resumable
 from statevault.state.rng import RNGState
 from statevault.state.stateful import Stateful
 
@@ -65,6 +66,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "load",
+    "resumable",
     "save",
     "verify",
 ]
