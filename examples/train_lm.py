@@ -7,8 +7,8 @@ The training program that ``examples/demo.py`` (``make demo``) drives and that
   (generated at start from its own seeded ``random.Random``, so every process has the same text);
 - model: a 2-layer GPT-style transformer (d_model 64, 4 heads, dropout 0.1, context 64);
 - AdamW, a warmup + cosine LR schedule (``LambdaLR``), dropout drawn from the global torch RNG;
-- data position: windows are visited in a shuffled order drawn from a dedicated
-  ``torch.Generator``; the epoch, the position in the order and the generator are in the state;
+- data: a shuffled DataLoader wrapped in ``sv.resumable`` (its order drawn from a dedicated
+  ``torch.Generator``): the epoch and the batch are in the state;
 - every step's loss is part of the saved state, so the last checkpoint carries the loss curve.
 
 Checkpointing is the documented three-line pattern of :class:`statevault.CheckpointManager`::
@@ -43,12 +43,13 @@ import os
 import random
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
 
 import statevault as sv
 
@@ -88,45 +89,26 @@ def make_corpus(sentences: int = 3000, seed: int = 7) -> str:
     return " ".join(lines)
 
 
-class Windows:
-    """Training windows of ``context + 1`` characters, visited in a shuffled order per epoch.
+class Windows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Training windows of ``context + 1`` characters: (inputs, targets) shifted by one."""
 
-    The data position (epoch, position in the order, and the generator the order is drawn
-    from) is a Stateful, saved with the rest of the training state.
-    """
+    def __init__(self, tokens: torch.Tensor, context: int) -> None:
+        self.tokens, self.context = tokens, context
+        self.starts = torch.arange(0, len(tokens) - context - 1, context // 2).tolist()
 
-    def __init__(self, tokens: torch.Tensor, context: int, batch: int, seed: int) -> None:
-        self.tokens, self.context, self.batch = tokens, context, batch
-        self.starts = torch.arange(0, len(tokens) - context - 1, context // 2)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.epoch = 0
-        self._new_order()
+    def __len__(self) -> int:
+        return len(self.starts)
 
-    def _new_order(self) -> None:
-        self.epoch_generator_state = self.generator.get_state()
-        self.order = torch.randperm(len(self.starts), generator=self.generator)
-        self.position = 0
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.starts[index]
+        row = self.tokens[start : start + self.context + 1]
+        return row[:-1], row[1:]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position + self.batch > len(self.order):
-            self.epoch += 1
-            self._new_order()
-        picked = self.starts[self.order[self.position : self.position + self.batch]]
-        self.position += self.batch
-        rows = torch.stack([self.tokens[s : s + self.context + 1] for s in picked.tolist()])
-        return rows[:, :-1], rows[:, 1:]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "epoch_generator": self.epoch_generator_state.clone(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["epoch_generator"])
-        self._new_order()  # the same order again, and the generator where it was after drawing it
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+def endless(data: Any) -> Iterator[Any]:
+    """One epoch after another; the first ``next()`` continues the restored position."""
+    while True:
+        yield from data
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -238,7 +220,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = make_corpus()
     vocab = sorted(set(text))
     tokens = torch.tensor([vocab.index(c) for c in text], dtype=torch.long)
-    data = Windows(tokens, CONTEXT, BATCH, seed=SEED + 1)
+    data = sv.resumable(
+        DataLoader(
+            Windows(tokens, CONTEXT),
+            batch_size=BATCH,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(SEED + 1),
+        )
+    )
     model = CharTransformer(len(vocab))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
@@ -279,8 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model.train()
     committed = mgr.latest_step()
+    batches = endless(data)
     for step in range(start, args.steps):
-        inputs, targets = data.next_batch()
+        inputs, targets = next(batches)
         logits = model(inputs)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)

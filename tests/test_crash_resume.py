@@ -349,11 +349,17 @@ def test_random_kills_resume_bit_identically(
     assert final["parameters_sha256"] == reference["parameters_sha256"]
 
 
-def flip_byte_in_largest_shard(checkpoint: Path) -> Path:
-    shard = max(checkpoint.glob("*.safetensors"), key=lambda p: p.stat().st_size)
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    shard.write_bytes(data)
+def flip_byte_in_largest_shard(checkpoint: Path, shared: bool = False) -> Path:
+    """Flip a byte in place (as a bad sector would) in the largest shard the checkpoint wrote
+    itself, or with ``shared``, in the largest it shares with other checkpoints (a hard link
+    of an incremental save: the unchanging ballast)."""
+    shards = [p for p in checkpoint.glob("*.safetensors") if (p.stat().st_nlink > 1) == shared]
+    shard = max(shards, key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as handle:  # in place: every name of the inode sees it
+        handle.seek(shard.stat().st_size // 2)
+        byte = handle.read(1)[0]
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte ^ 0x10]))
     return shard
 
 
@@ -388,3 +394,38 @@ def test_corrupt_newest_checkpoint_falls_back_and_ends_bit_identical(
     final = read_final(run)
     assert final["losses"] == reference["losses"]
     assert final["parameters_sha256"] == reference["parameters_sha256"]
+
+
+def test_a_damaged_shared_file_damages_every_checkpoint_sharing_it_and_resume_skips_them(
+    server: Server, reference: dict[str, object], tmp_path: Path
+) -> None:
+    """The price of incremental saves (README "Incremental checkpoints"): a file shared by hard
+    link is one file on disk, so damage to it damages every checkpoint that lists it. Resume
+    skips them all, goes back to the newest checkpoint that does not share it (or starts afresh)
+    and still ends bit-identical."""
+    run = tmp_path / "run"
+    child = server.run(run)
+    third = 3 * SAVE_EVERY
+    reached = child.wait_for(lambda x: x.startswith("durable ") and int(x.split()[1]) >= third)
+    assert reached is not None, child.lines[-5:]
+    child.signal(signal.SIGKILL)
+    assert child.finish() == -signal.SIGKILL
+    steps = check_every_committed_checkpoint_verifies(run)
+    shard = flip_byte_in_largest_shard(run / f"step_{steps[-1]:09d}", shared=True)
+    inode = shard.stat().st_ino
+    damaged = [s for s in steps if inode in _inodes(run / f"step_{s:09d}")]
+    assert len(damaged) >= 2, "the ballast is shared"
+    for step in steps:
+        assert sv.verify(run / f"step_{step:09d}").ok == (step not in damaged), step
+    whole = [s for s in steps if s not in damaged]
+
+    child = server.run(run)
+    assert child.finish() == 0, child.lines[-5:]
+    assert child.resumed_from() == (whole[-1] if whole else None)
+    final = read_final(run)
+    assert final["losses"] == reference["losses"]
+    assert final["parameters_sha256"] == reference["parameters_sha256"]
+
+
+def _inodes(checkpoint: Path) -> set[int]:
+    return {p.stat().st_ino for p in checkpoint.glob("*.safetensors")}
