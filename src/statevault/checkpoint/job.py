@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statevault.checkpoint.commit import LocalCommit, ObjectCommit
-from statevault.checkpoint.reuse import Baseline, shareable_rows
+from statevault.checkpoint.reuse import Baseline, shareable_rows, unchanged
 from statevault.engine.cancel import Cancel, shielded
 from statevault.engine.parallel import cpu_threads, map_threads
 from statevault.engine.plan import SavePlan
@@ -51,7 +51,7 @@ class SaveJob:
     # An incremental save: the previous checkpoint, and which files may repeat one of its files.
     baseline: Baseline | None = None
     candidates: dict[int, str] = field(default_factory=dict)
-    content_hashes: bool = False
+    hashed: set[int] = field(default_factory=set)  # the files whose rows get content hashes
     written_bytes: int = 0
     shared_bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -78,7 +78,7 @@ class SaveJob:
             batch,
             self._metadata(),
             self.cancel,
-            self.content_hashes,
+            {self._name(i) for i in to_write if i in self.hashed},
         )
         self.file_rows += rows
         self.written_bytes += sum(row.size for row in rows)
@@ -113,8 +113,13 @@ class SaveJob:
         assert self.baseline is not None
         self.cancel.check()
         previous = self.candidates[index]
-        header = shard_header(self._pending(index, staged), self._metadata())
-        rows = shareable_rows(self.baseline, previous, self.files[index], staged, header)
+        rows = shareable_rows(
+            self.baseline,
+            previous,
+            self.files[index],
+            staged,
+            lambda: shard_header(self._pending(index, staged), self._metadata()),
+        )
         if rows is None:
             return False
         name = self._name(index)
@@ -129,14 +134,12 @@ class SaveJob:
         return True
 
     def unchanged_paths(self) -> frozenset[str]:
-        """The key paths whose content hash equals the baseline's (stable at the next save)."""
+        """The key paths whose tensor equals the baseline's (stable at the next save)."""
         if self.baseline is None:
             return frozenset()
-        before = self.baseline.hashes
+        before = self.baseline.by_path()
         return frozenset(
-            row.path
-            for leaf, row in self.tensor_rows.items()
-            if row.hash is not None and before.get(self.plan.leaves[leaf].path) == row.hash
+            row.path for row in self.tensor_rows.values() if unchanged(row, before.get(row.path))
         )
 
     def stable_files(self) -> list[str]:
@@ -160,7 +163,6 @@ class SaveJob:
             {f.name: f for f in self.file_rows},
             {name: sorted(found, key=lambda r: r.offset) for name, found in rows.items()},
             self.unchanged_paths(),
-            {r.path: r.hash for r in self.tensor_rows.values() if r.hash is not None},
         )
 
     def commit(self, manifest: Manifest) -> Manifest:

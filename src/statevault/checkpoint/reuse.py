@@ -3,11 +3,13 @@ checkpoint of the run, file by file, so that every checkpoint stays whole.
 
 A shard file of the previous checkpoint (the *baseline*) is shared when the new save would write
 it byte for byte again: the same tensors, in the same order, under the same names, with the same
-dtypes, shapes and content hashes (format.checksum.content_hash), and the same header. Shared
-means hard-linked on a local disk (both directories then list the same blocks: deleting either
-leaves the other whole, and ``cp -r`` of one copies it), copied server-side on an object store.
-Nothing is ever read back or trusted but the baseline's own manifest, whose content hashes the
-save that wrote it computed from the very bytes it wrote.
+dtypes, shapes and bytes, and the same header. Shared means hard-linked on a local disk (both
+directories then list the same blocks: deleting either leaves the other whole, and ``cp -r`` of
+one copies it), copied server-side on an object store. Equal bytes are decided by the content
+hashes (format.checksum.content_hash, 128 bits) the baseline's save recorded, or, for a file
+without them, by equal CRC32Cs (block by block: a changed tensor is told apart after its first
+changed block) and then by reading the baseline file back and comparing (32 bits decide
+nothing; local disks only).
 
 Which tensors go into which file decides what can be shared, so the layout keeps the tensors
 that do not change apart from those that do:
@@ -15,12 +17,14 @@ that do not change apart from those that do:
 - *stable* tensors: those the last save found unchanged, and on a first save the frozen
   parameters (``requires_grad=False``): they go into the baseline's own files again where the
   baseline has a file of exactly those tensors (so that it can be shared), the rest into new
-  stable files, sorted by key path;
-- *volatile* tensors (everything else): laid out as a full save lays them out.
+  stable files, sorted by key path. Stable files record content hashes (``Layout.hashed``),
+  so that sharing them next time reads nothing back;
+- *volatile* tensors (everything else): laid out as a full save lays them out, without
+  content hashes: a dense state, where everything changes, pays no hashing at all.
 
-A stable file whose tensors did change is written, not shared (its content hashes differ); a
-volatile tensor that did not change is written once more, then found unchanged and laid out as
-stable from the next save on. Example::
+A stable file whose tensors did change is written, not shared; a volatile tensor that did not
+change is written once more (unless its whole file did not change), then found unchanged
+(:func:`unchanged`) and laid out as stable from the next save on. Example::
 
     baseline = Baseline.of(previous_location, previous_manifest, rank=0)
     layout = plan_layout(plan, leaves, baseline, max_file_bytes=None)
@@ -30,14 +34,17 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from statevault.engine.layout import group_files
 from statevault.engine.plan import Leaf, SavePlan
 from statevault.format.checksum import content_hash, crc32c_of, format_checksum
-from statevault.format.manifest import FileEntry, Manifest, TensorEntry
+from statevault.format.manifest import BLOCK_BYTES, FileEntry, Manifest, TensorEntry
+from statevault.storage.local import open_read, read_into_fd
 from statevault.storage.location import Location
+
+COMPARE_BYTES = 4 << 20  # the baseline file is read back in pieces of this size
 
 
 @dataclass(frozen=True)
@@ -50,28 +57,37 @@ class Baseline:
     files: dict[str, FileEntry]
     rows: dict[str, list[TensorEntry]]  # file name -> its tensor rows, in offset order
     stable: frozenset[str] = frozenset()
-    hashes: dict[str, str] = field(default_factory=dict)  # key path -> content hash
 
     @classmethod
     def of(cls, location: Location, manifest: Manifest, rank: int) -> Baseline:
         """The baseline ``manifest`` gives a save of ``rank`` (after a restart: the files of
-        that rank, by their names, whose every tensor row carries a content hash; stable, the
-        tensors of the files its save recorded as unchanged: ``info.save.stable_files``)."""
+        that rank, by their names; stable, the tensors of the files its save recorded as
+        unchanged: ``info.save.stable_files``)."""
         rows: dict[str, list[TensorEntry]] = {}
         for entry in manifest.tensors:
             rows.setdefault(entry.file, []).append(entry)
         prefix = f"data-r{rank:05d}-"
-        files = {
-            f.name: f
-            for f in manifest.files
-            if f.name.startswith(prefix) and all(r.hash for r in rows.get(f.name, []))
-        }
+        files = {f.name: f for f in manifest.files if f.name.startswith(prefix)}
         kept = {name: sorted(rows.get(name, []), key=lambda r: r.offset) for name in files}
-        hashes = {e.path: e.hash for e in manifest.tensors if e.hash is not None}
         recorded = manifest.info.get("save", {}).get("stable_files", [])
         names = set(recorded) & set(files) if isinstance(recorded, list) else set()
         stable = frozenset(row.path for name in names for row in kept[name])
-        return cls(location, files, kept, stable, hashes)
+        return cls(location, files, kept, stable)
+
+    def by_path(self) -> dict[str, TensorEntry]:
+        """This rank's rows by key path."""
+        return {row.path: row for rows in self.rows.values() for row in rows}
+
+
+def unchanged(row: TensorEntry, before: TensorEntry | None) -> bool:
+    """Whether a tensor written (or shared) by a save equals the baseline's at its path, as a
+    layout hint: by content hash where both rows have one, else by CRC32C, dtype and shape."""
+    if before is None:
+        return False
+    if row.hash is not None and before.hash is not None:
+        return row.hash == before.hash
+    same_kind = (row.dtype, row.shape, row.nbytes) == (before.dtype, before.shape, before.nbytes)
+    return same_kind and row.checksum == before.checksum
 
 
 @dataclass
@@ -81,6 +97,7 @@ class Layout:
 
     files: list[list[int]]
     candidates: dict[int, str] = field(default_factory=dict)  # file index -> baseline file
+    hashed: set[int] = field(default_factory=set)  # the stable files: their rows get hashes
 
 
 def plan_layout(
@@ -104,6 +121,7 @@ def plan_layout(
             rest -= set(files_leaves)
     by_path = sorted(rest, key=lambda i: plan.leaves[i].path)
     layout.files += group_files(plan, by_path, max_file_bytes) if by_path else []
+    layout.hashed = set(range(len(layout.files)))
     layout.files += group_files(plan, volatile, max_file_bytes) if volatile else []
     if baseline is not None:  # a file laid out as a baseline file was may repeat it
         same = _files_by_content(baseline)
@@ -166,20 +184,79 @@ def shareable_rows(
     name: str,
     leaves: Sequence[int],
     staged: Mapping[int, memoryview],
-    header: bytes,
+    header: Callable[[], bytes],
 ) -> list[TensorEntry] | None:
     """The baseline rows of file ``name`` when the planned file (``leaves`` with their staged
-    bytes, and ``header``) would repeat it byte for byte; None when anything differs."""
+    bytes, and the ``header()`` it would have) would repeat it byte for byte; None when anything
+    differs. The tensors are compared first: a changed one usually ends it at its first block,
+    before the header of a file of many tensors is even encoded."""
     entry = baseline.files[name]
     rows = baseline.rows[name]
-    if format_checksum(crc32c_of(header)) != entry.header_checksum:
-        return None
-    if len(header) != entry.header_size:
-        return None
     for leaf, row in zip(leaves, rows, strict=True):  # the first that differs ends it
-        if content_hash(staged[leaf]) != row.hash:
+        if row.hash is None and not _same_crc(staged[leaf], row):
             return None
-    return rows if _still_there(baseline.location, entry) else None
+    for leaf, row in zip(leaves, rows, strict=True):
+        if row.hash is not None and content_hash(staged[leaf]) != row.hash:
+            return None
+    encoded = header()
+    if len(encoded) != entry.header_size:
+        return None
+    if format_checksum(crc32c_of(encoded)) != entry.header_checksum:
+        return None
+    if not _still_there(baseline.location, entry):
+        return None
+    if all(row.hash is not None for row in rows):
+        return rows
+    # A volatile file that did not change: equal CRC32Cs, then equal bytes, since 32 bits do
+    # not decide equality (on a local disk only, where reading it back costs little).
+    if baseline.location.local and _same_bytes(baseline, entry, leaves, rows, staged):
+        return rows
+    return None
+
+
+def _same_crc(data: memoryview, row: TensorEntry) -> bool:
+    """``data`` has the CRC32C of ``row``, compared block by block (``row.blocks``) so that a
+    changed tensor is told apart after its first changed block."""
+    if len(data) != row.nbytes:
+        return False
+    expected = [*row.blocks, row.checksum]
+    if len(expected) != max(1, -(-len(data) // BLOCK_BYTES)):
+        return format_checksum(crc32c_of(data)) == row.checksum
+    value = 0
+    for index, start in enumerate(range(0, max(len(data), 1), BLOCK_BYTES)):
+        value = crc32c_of(data[start : start + BLOCK_BYTES], value)
+        if format_checksum(value) != expected[index]:
+            return False
+    return True
+
+
+def _same_bytes(
+    baseline: Baseline,
+    entry: FileEntry,
+    leaves: Sequence[int],
+    rows: Sequence[TensorEntry],
+    staged: Mapping[int, memoryview],
+) -> bool:
+    """The baseline file holds exactly the staged bytes of ``leaves`` at its rows' offsets."""
+    buffer = memoryview(bytearray(COMPARE_BYTES))
+    try:
+        fd = open_read(baseline.location.join(entry.name).path)
+    except OSError:
+        return False
+    try:
+        for leaf, row in zip(leaves, rows, strict=True):
+            data = staged[leaf]
+            for start in range(0, len(data), COMPARE_BYTES):
+                piece = data[start : start + COMPARE_BYTES]
+                read = buffer[: len(piece)]
+                read_into_fd(fd, row.offset + start, read)
+                if read != piece.cast("B"):
+                    return False
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _still_there(location: Location, entry: FileEntry) -> bool:

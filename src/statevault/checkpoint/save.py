@@ -218,7 +218,7 @@ class Saver:
             rank=group.rank,
             baseline=baseline,
             candidates=layout.candidates,
-            content_hashes=self.incremental,
+            hashed=layout.hashed,
         )
         self._in_flight_job = job
         future: Future[Manifest | None] = Future()

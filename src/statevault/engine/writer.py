@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 from statevault.engine import direct_io
@@ -47,12 +47,12 @@ def write_files(
     files: Sequence[tuple[str, Sequence[PendingTensor]]],
     shard_metadata: dict[str, str],
     cancel: Cancel | None = None,
-    content_hashes: bool = False,
+    hashed: Container[str] = frozenset(),
 ) -> tuple[list[FileEntry], list[list[TensorEntry]]]:
     """Write every (file name, tensors) in parallel; return the file rows and tensor rows.
     Once ``cancel`` is set, each writer stops before its next chunk (SaveAbandoned).
-    ``content_hashes``: also give every row its content hash (incremental saves), computed
-    chunk by chunk as it is written, like the CRC."""
+    ``hashed``: the names of the files whose rows also get their content hash (the stable
+    files of an incremental save), computed block by block as it is written, like the CRC."""
     if not files:
         return [], []
     cancel = cancel or Cancel()
@@ -65,7 +65,7 @@ def write_files(
             tensors,
             shard_metadata,
             cancel,
-            content_hashes,
+            name in hashed,
         )
         for name, tensors in files
     ]
