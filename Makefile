@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= torch,tensorflow,test
+EXTRAS ?= torch,tensorflow,test,lightning,hf,accelerate
 
 .PHONY: demo test lint typecheck unit bench clean
 
@@ -34,6 +34,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/save_load.py
 	$(PY) benchmarks/s3_bench.py
 	$(PY) benchmarks/distributed_bench.py
+	$(PY) benchmarks/incremental_bench.py
+	$(PY) benchmarks/data_position_bench.py
+	$(PY) benchmarks/integrations_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

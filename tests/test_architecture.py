@@ -15,7 +15,8 @@ bottom (a unit may import only units of lower layers)::
     checkpoint                  the life of one checkpoint: open, save, load, verify, commit
     manager, interop            a run of checkpoints; other tools' formats
     integrations                Keras callback, framework glue
-    cli, keras                  the command line; thin public facades
+    cli, keras, lightning, hf,  the command line; thin public facades
+    accelerate
     __init__                    the public API
 """
 
@@ -41,11 +42,21 @@ LAYERS = [
     {"checkpoint"},
     {"manager", "interop"},
     {"integrations"},
-    {"cli", "keras"},
+    {"cli", "keras", "lightning", "hf", "accelerate"},
     {"__init__"},
 ]
-FACE = {"__init__.py", "errors.py", "_version.py", "keras.py", "py.typed"}
+FACE = {
+    "__init__.py",
+    "errors.py",
+    "_version.py",
+    "keras.py",
+    "lightning.py",
+    "hf.py",
+    "accelerate.py",
+    "py.typed",
+}
 MAX_LINES = 450
+FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "lightning", "transformers", "accelerate")
 
 
 def _layer(unit: str) -> int:
@@ -149,7 +160,7 @@ def test_no_module_is_over_450_lines() -> None:
 def test_importing_statevault_imports_no_framework() -> None:
     code = (
         "import sys, statevault, statevault.cli.main, statevault.checkpoint.save; "
-        "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'jax') if m in sys.modules))"
+        f"print(sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), check=True

@@ -10,6 +10,7 @@ Usage::
     statevault gc RUN [--yes]           delete leftovers of crashed saves (dry run without --yes)
     statevault export CKPT --to OUT     a checkpoint's arrays as safetensors (or --format hf)
     statevault import SRC --to CKPT     a TF / safetensors / torch.save / DCP (--from dcp) one
+    statevault deploy CKPT --build M:F --to OUT   a model for serving (SavedModel, torch.export, HF)
 
 Exit codes (scripts can rely on them)::
 
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from statevault._version import __version__
 from statevault.cli import (
+    deploy_cmd,
     diff_cmd,
     export_cmd,
     gc_cmd,
@@ -64,6 +66,7 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     gc_cmd.register,
     export_cmd.register,
     import_cmd.register,
+    deploy_cmd.register,
 )
 
 

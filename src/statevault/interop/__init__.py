@@ -9,6 +9,8 @@
                             pickle) -> a statevault checkpoint
 :class:`ByteProgress`       what the three take as ``progress=``: told the total bytes, then
                             each batch as it is done (for a progress bar)
+:func:`deploy`              the model of a checkpoint, built by the user's function, saved for
+                            serving: SavedModel, ``torch.export`` or ``save_pretrained``
 =========================  ==================================================================
 
 Example::
@@ -21,15 +23,19 @@ Example::
 Neither torch nor tensorflow is imported by this package until an import needs it.
 """
 
+from statevault.interop.deploy import FORMATS, DeployReport, deploy
 from statevault.interop.export import ExportReport, export_hf, export_safetensors
 from statevault.interop.importing import SOURCES, ImportReport, detect, import_checkpoint
 from statevault.interop.progress import ByteProgress
 
 __all__ = [
+    "FORMATS",
     "SOURCES",
     "ByteProgress",
+    "DeployReport",
     "ExportReport",
     "ImportReport",
+    "deploy",
     "detect",
     "export_hf",
     "export_safetensors",
