@@ -261,11 +261,11 @@ def test_deleted_manifest_is_not_a_checkpoint(ck: Path) -> None:
 
 def test_checkpoint_in_several_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With several shards, damage to each one is reported against that shard."""
-    from statevault.checkpoint import job
+    from statevault.engine import layout
 
-    real = job.assign_files
+    real = layout.assign_files
     monkeypatch.setattr(
-        job, "assign_files", lambda sizes, **kw: real(sizes, min_file_bytes=1, **kw)
+        layout, "assign_files", lambda sizes, **kw: real(sizes, min_file_bytes=1, **kw)
     )
     ck = save_small(tmp_path / "ck")
     names = shard_names(ck)

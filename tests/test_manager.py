@@ -279,6 +279,8 @@ def test_stale_temporaries_are_swept_when_a_manager_opens(tmp_path: Path) -> Non
         (run / name / ".statevault-save").write_bytes(marker_bytes())  # a dead save's: ours
         (run / name / "data-r00000-00000.safetensors").write_bytes(b"\0" * 100)
     (run / "step_000000006.tmp-0123456789ab").mkdir()  # killed between mkdir and marker
+    (run / "step_000000007.tmp-0123456789ab").mkdir()  # killed between the marker's creation
+    (run / "step_000000007.tmp-0123456789ab" / ".statevault-save").touch()  # and its write
     (run / "notes.tmp-abc123").write_text("not a temporary of ours")
     (run / "step_000000005.tmp-zzz").mkdir()  # not a name statevault writes
 
@@ -287,6 +289,7 @@ def test_stale_temporaries_are_swept_when_a_manager_opens(tmp_path: Path) -> Non
     assert not (run / "step_000000004.tmp-abc123").exists()
     assert not (run / "step_000000002.tmp-0123456789ab").exists()
     assert not (run / "step_000000006.tmp-0123456789ab").exists()
+    assert not (run / "step_000000007.tmp-0123456789ab").exists()
     assert (run / "notes.tmp-abc123").read_text() == "not a temporary of ours"
     assert (run / "step_000000005.tmp-zzz").is_dir()
     assert committed_on_disk(run) == [1, 2, 3]
@@ -299,6 +302,23 @@ def test_a_temporary_named_like_ours_without_a_marker_is_left_alone_with_a_warni
     _three_steps(run)
     foreign = run / "step_000000004.tmp-abc123"
     foreign.mkdir()
+    (foreign / "weights.bin").write_bytes(b"another tool's bytes")
+    with (
+        pytest.warns(UserWarning, match="step_000000004.tmp-abc123: not written by statevault"),
+        sv.CheckpointManager(run, max_to_keep=None) as mgr,
+    ):
+        assert mgr.all_steps() == [1, 2, 3]
+    assert (foreign / "weights.bin").read_bytes() == b"another tool's bytes"
+
+
+def test_an_empty_marker_proves_nothing_beside_other_files(tmp_path: Path) -> None:
+    """Only a directory holding nothing but an empty marker is a save killed mid-marker; an
+    empty marker beside anything else is not proof enough to delete it."""
+    run = tmp_path / "run"
+    _three_steps(run)
+    foreign = run / "step_000000004.tmp-abc123"
+    foreign.mkdir()
+    (foreign / ".statevault-save").touch()
     (foreign / "weights.bin").write_bytes(b"another tool's bytes")
     with (
         pytest.warns(UserWarning, match="step_000000004.tmp-abc123: not written by statevault"),

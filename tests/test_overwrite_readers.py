@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import statevault as sv
 from tests.manager_helpers import child_env
@@ -70,3 +71,27 @@ def test_loads_and_verifies_during_overwrites_see_one_whole_checkpoint(tmp_path:
     assert writer.returncode == 0
     assert saves > 50 and len(seen) > 20, f"the reads must overlap the writes: {saves}, {seen}"
     assert not errors, f"{len(errors)} of {loads + verifies} reads failed: {errors[:5]}"
+
+
+def test_a_manifest_deleted_between_its_stat_and_its_open_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The narrowest window of the race above, made certain: the overwrite swaps the directory
+    and deletes the old manifest after the reader found it but before it opened it. The reader
+    must read the new checkpoint, not report corruption."""
+    from statevault.checkpoint import open as opening
+
+    path = tmp_path / "ckpt"
+    sv.save({"i": 1}, path)
+    real_open_read = opening.open_read
+    overwrites: list[int] = []
+
+    def overwrite_first(name: str, dir_fd: int | None = None) -> int:
+        if not overwrites:
+            overwrites.append(2)
+            sv.save({"i": 2}, path, overwrite=True)  # swaps, then deletes the old manifest
+        return real_open_read(name, dir_fd=dir_fd)
+
+    monkeypatch.setattr(opening, "open_read", overwrite_first)
+    assert sv.load(path)["i"] == 2
+    assert overwrites == [2]

@@ -78,6 +78,8 @@ def ownership(directory: Location) -> Ownership:
             return "ours"
         if any(is_marker_name(n) and _is_marker(directory, n) for n in names):
             return "ours"
+        if _only_empty_markers(directory, names):
+            return "ours"
     except FileNotFoundError:
         return "absent"
     except (OSError, EOFError):
@@ -89,6 +91,15 @@ def _starts_with(directory: Location, name: str, prefix: bytes) -> bool:
     path = directory.join(name).path
     size = directory.storage.size(path)
     return size >= len(prefix) and directory.storage.read_bytes(path, 0, len(prefix)) == prefix
+
+
+def _only_empty_markers(directory: Location, names: list[str]) -> bool:
+    """A save killed between creating its marker and writing it leaves exactly this: a
+    directory whose only entry is an empty file by the marker's name (which nothing else
+    writes). Anything more in it, and it is not provably ours."""
+    return all(is_marker_name(n) for n in names) and all(
+        directory.storage.size(directory.join(n).path) == 0 for n in names
+    )
 
 
 def _is_marker(directory: Location, name: str) -> bool:

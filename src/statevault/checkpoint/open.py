@@ -160,6 +160,8 @@ def _local_manifest_bytes(dir_fd: int, directory: str) -> bytes:
         )
     try:
         fd = open_read(MANIFEST_NAME, dir_fd=dir_fd)
+    except FileNotFoundError:  # deleted since the stat: an overwrite's old side, a retention
+        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}") from None
     except OSError as exc:
         raise CorruptCheckpointError(f"{directory}: cannot open manifest.json ({exc})") from None
     try:
