@@ -363,17 +363,23 @@ def flip_byte_in_largest_shard(checkpoint: Path, shared: bool = False) -> Path:
     return shard
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_ends_bit_identical(
-    server: Server, reference: dict[str, object], tmp_path: Path
-) -> None:
-    run = tmp_path / "run"
+def killed_after_third_durable_save(server: Server, run: Path) -> list[int]:
+    """Run the job until its third save is durable, SIGKILL it, and return the committed steps
+    (each checked to verify)."""
     child = server.run(run)
     third = 3 * SAVE_EVERY
     reached = child.wait_for(lambda x: x.startswith("durable ") and int(x.split()[1]) >= third)
     assert reached is not None, child.lines[-5:]
     child.signal(signal.SIGKILL)
     assert child.finish() == -signal.SIGKILL
-    steps = check_every_committed_checkpoint_verifies(run)
+    return check_every_committed_checkpoint_verifies(run)
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_ends_bit_identical(
+    server: Server, reference: dict[str, object], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    steps = killed_after_third_durable_save(server, run)
     assert len(steps) >= 2, steps
     newest, previous = steps[-1], steps[-2]
     newest_dir = run / f"step_{newest:09d}"
@@ -404,13 +410,7 @@ def test_a_damaged_shared_file_damages_every_checkpoint_sharing_it_and_resume_sk
     skips them all, goes back to the newest checkpoint that does not share it (or starts afresh)
     and still ends bit-identical."""
     run = tmp_path / "run"
-    child = server.run(run)
-    third = 3 * SAVE_EVERY
-    reached = child.wait_for(lambda x: x.startswith("durable ") and int(x.split()[1]) >= third)
-    assert reached is not None, child.lines[-5:]
-    child.signal(signal.SIGKILL)
-    assert child.finish() == -signal.SIGKILL
-    steps = check_every_committed_checkpoint_verifies(run)
+    steps = killed_after_third_durable_save(server, run)
     shard = flip_byte_in_largest_shard(run / f"step_{steps[-1]:09d}", shared=True)
     inode = shard.stat().st_ino
     damaged = [s for s in steps if inode in _inodes(run / f"step_{s:09d}")]
