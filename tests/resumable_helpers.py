@@ -62,7 +62,8 @@ class StatefulStream(IterableDataset[torch.Tensor]):
         self.size = size
         self.position = 0
         self.resumed = False
-        self.produced = _FORK.Value("i", 0, lock=False)
+        # Locked: two workers counting into one shared int lose updates without it.
+        self.produced = _FORK.Value("i", 0)
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position}
@@ -79,7 +80,8 @@ class StatefulStream(IterableDataset[torch.Tensor]):
         while self.position < len(mine):
             key = mine[self.position]
             self.position += 1
-            self.produced.value += 1
+            with self.produced.get_lock():
+                self.produced.value += 1
             yield torch.tensor(draws(key))
 
 
