@@ -1,16 +1,27 @@
-"""Distributed saves: planning cost at 1,024 and 8,192 simulated ranks, and real gloo runs
-against torch.distributed.checkpoint (DCP). Issue 4, "Scale".
+"""Distributed saves: what a format-3 save costs at 1,024, 8,192 and 65,536 simulated ranks, and
+real gloo runs against torch.distributed.checkpoint (DCP). Issues 4 ("Scale") and 17 (format 3).
 
 Part 1 (one process, no process group): each rank of an FSDP-style job (a Llama-like model whose
-parameters and both Adam moments are sharded on dim 0 over every rank, the optimizer's ``step``
-scalars replicated, a small per-rank RNG state) gets its own SavePlan of numpy leaves (zero-stride
-views: no data is allocated) and runs what a rank runs for a save: ``plan_digest`` (the
-agreement), ``leaves_to_write`` (its share), the file grouping (``Saver._files``, twice:
-the second save reuses the assignment), and builds and serializes its Part (what it sends). The
-rows a real write would return are made up with plausible values (offsets, checksums). Then the
-coordinator's work, on every rank's part bytes: ``part_from_json`` for each, ``merge`` (chunk
-geometry checked), ``serialize_manifest``; and what the settle step sends every rank (the
-manifest, through ``all_gather_object``) and costs each of them (``parse_manifest``).
+parameters and both Adam moments are sharded on dim 0 over every rank, ``ShardInfo.rule`` the
+dim-0 rule ``ShardRule((world,), (("shard", 0),))`` as the DTensor adapter sets it, the
+optimizer's ``step`` scalars replicated, a small per-rank RNG state) gets its own SavePlan of
+numpy leaves (zero-stride views: no data is allocated) and runs what a rank runs for a save:
+``plan_digest`` (the agreement), ``leaves_to_write`` (its share), the file grouping
+(``Saver.rank_files``, twice: the second save reuses the assignment), and ``indexed_part`` +
+``Part.to_json`` (its index and the part it sends). The rows a real write would return are made
+up with plausible values (offsets, checksums). Then the coordinator's work, on every rank's part
+bytes: ``part_from_json`` for each, ``merge_indexed`` (the format-3 manifest and the index
+table), ``serialize_manifest``; and what a restoring rank at the same world size reads and does:
+``parse_manifest``, the table (checksum, ``decode_table``), its own index (checksum, JSON,
+``check_index``), the ranks its boxes need (``rule.overlapping``: only its own), and
+``expand_manifest`` with its own index.
+
+Worlds above ``--sample-above`` ranks plan a sample (``--sample-ranks``, evenly spread, plus
+every rank dealt a replicated leaf and the first rank of every kind of piece layout); every
+other rank's part is synthesized from the nearest lower planned rank of the same kind (its
+rank replaced; its index size copied, its index CRC made up). The output says which figures
+come from sampled ranks. Format-2 figures are no longer produced: benchmarks/README.md keeps
+them ("Distributed saves at scale (issue 4)").
 
 Part 2 (spawned gloo ranks, 2 and 4): an FSDP2 (``fully_shard``) model with AdamW state, saved
 and loaded by statevault (``sv.save`` / ``sv.load(into=...)``) and by DCP (``get_state_dict`` ->
@@ -18,13 +29,15 @@ and loaded by statevault (``sv.save`` / ``sv.load(into=...)``) and by DCP (``get
 of ``--reps``; each timing is barrier to barrier, the max over ranks. Every load is checked
 bit for bit against the state that was saved.
 
-    python benchmarks/distributed_bench.py                     # both parts (~5-8 min, 2 CPUs)
+    python benchmarks/distributed_bench.py                     # both parts
+    python benchmarks/distributed_bench.py --worlds 1024,8192,65536 --ranks ''  # part 1 only
     python benchmarks/distributed_bench.py --worlds 64 --ranks 2 --model-mib 16 --reps 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import gc
@@ -52,22 +65,27 @@ import torch
 from statevault.adapters import ArrayAdapter, adapter_named
 from statevault.adapters.base import ShardInfo
 from statevault.checkpoint.agree import Proposal, plan_digest
+from statevault.checkpoint.indexed_parts import indexed_part, merge_indexed, sharded_numbers
+from statevault.checkpoint.indexes import _strict_json  # what a loading rank parses with
 from statevault.checkpoint.job import SaveJob
-from statevault.checkpoint.parts import Part, merge, part_from_json, part_of
+from statevault.checkpoint.parts import Part, part_from_json
 from statevault.checkpoint.save import Saver  # private parts: what a rank does, timed one by one
-from statevault.engine.assignment import leaves_to_write
+from statevault.engine.assignment import deal_replicated, leaves_to_write
 from statevault.engine.plan import Leaf, SavePlan
 from statevault.format import tree
-from statevault.format.geometry import Box, GeometryError, check_chunks, intersect
+from statevault.format.checksum import crc32c_of, format_checksum
+from statevault.format.geometry import Box
+from statevault.format.indexed import check_index, decode_table
 from statevault.format.manifest import (
     BLOCK_BYTES,
-    MAX_MANIFEST_BYTES,
     FileEntry,
     TensorEntry,
+    expand_manifest,
     parse_manifest,
     serialize_manifest,
 )
 from statevault.format.names import shard_name
+from statevault.format.rules import SHARD, ShardRule, chunk_of
 
 MiB = 1 << 20
 
@@ -112,8 +130,8 @@ class _RankLocal:
 
 class SimPlanner:
     """Builds one rank's SavePlan as ``plan_save(state, per_rank=True)`` would for a DTensor
-    state: shared leaves first (sharded pieces with their ShardInfo, replicated tensors), then the
-    per-rank leaves. The arrays are zero-stride numpy views: no data behind them."""
+    state: shared leaves first (sharded pieces with their ShardInfo and rule, replicated tensors),
+    then the per-rank leaves. The arrays are zero-stride numpy views: no data behind them."""
 
     def __init__(self, adapter: ArrayAdapter, rank: int, world: int) -> None:
         self.adapter = adapter
@@ -122,6 +140,8 @@ class SimPlanner:
         self.leaves: list[Leaf] = []
         self.in_rank = False
         self.deferred: list[tuple[dict[str, Any], Any, str]] = []
+        # FSDP2's layout as the DTensor adapter describes it: dim 0 over a 1-d mesh of all ranks.
+        self.rule = ShardRule((world,), ((SHARD, 0),), 0, None)
 
     def encode_leaf(self, value: Any, path: str) -> tree.Node | None:
         if isinstance(value, _Sharded):
@@ -130,7 +150,7 @@ class SimPlanner:
             rows = min(step, value.shape[0] - offset)
             local = _view((rows, *value.shape[1:]))
             offsets = (offset,) + (0,) * (len(value.shape) - 1)
-            info = ShardInfo(tuple(value.shape), offsets, (), {"parameter": True})
+            info = ShardInfo(tuple(value.shape), offsets, (), {"parameter": True}, self.rule)
             spec = self.adapter.describe(local, path)
             self.leaves.append(Leaf(path, self.adapter, local, spec, info))
             return {"$": "sharded", "id": len(self.leaves) - 1}
@@ -235,37 +255,76 @@ def simulated_write(plan: SavePlan, files: list[list[int]], rank: int) -> SaveJo
             )
             offset += leaf.spec.nbytes
         job.file_rows.append(FileEntry(name, offset, header, f"crc32c:{rank:08x}"))
+        job.written_bytes += offset
     return job
 
 
-def pairwise_check_chunks(shape: Sequence[int], chunks: Sequence[Box]) -> None:
-    """The overlap test check_chunks made before this benchmark: every pair of non-empty
-    chunks (kept here to measure what it cost)."""
-    solid = [(i, c) for i, c in enumerate(chunks) if c.numel > 0]
-    for position, (i, first) in enumerate(solid):
-        for j, second in solid[position + 1 :]:
-            if intersect(first, second) is not None:
-                raise GeometryError(f"chunks {i} and {j} overlap")
+def replicated_holders(plan: SavePlan, world: int) -> set[int]:
+    """The ranks dealt a replicated leaf (their parts carry rows for the manifest)."""
+    sizes = [
+        leaf.spec.nbytes
+        for leaf in plan.leaves[: plan.shared_count]
+        if leaf.shard is None and not leaf.per_rank
+    ]
+    return set(deal_replicated(sizes, world))
+
+
+def rank_kind(rank: int, world: int, extents: Sequence[int], holders: set[int]) -> tuple[Any, ...]:
+    """What a rank's part and index depend on besides its number: whether (and which) replicated
+    leaves it was dealt, and how many rows its piece of each dim-0 extent holds."""
+    return (rank if rank in holders else -1, *(chunk_of(e, world, rank)[0] for e in extents))
+
+
+def sample_ranks(
+    world: int, count: int, extents: Sequence[int], holders: set[int]
+) -> tuple[list[int], list[int], dict[int, tuple[Any, ...]]]:
+    """(ranks planned, the evenly spread ones among them, every rank's kind). Planned: ``count``
+    evenly spread ranks (rank 0 and the last included), every replicated holder, and the first
+    rank of every kind, so that every other rank has a planned rank of its kind below it."""
+    kinds = {rank: rank_kind(rank, world, extents, holders) for rank in range(world)}
+    if count >= world:
+        return list(range(world)), list(range(world)), kinds
+    even = sorted({round(i * (world - 1) / (count - 1)) for i in range(count)})
+    first: dict[tuple[Any, ...], int] = {}
+    for rank in range(world):
+        first.setdefault(kinds[rank], rank)
+    planned = sorted(set(even) | holders | set(first.values()))
+    return planned, even, kinds
 
 
 def plan_world(
     world: int,
     shapes: list[tuple[str, tuple[int, ...]]],
-    pairwise: bool,
+    sample: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
+    """Part 1 at one world size (see the module docstring); ``sample``: how many evenly spread
+    ranks to plan (``>= world``: every rank)."""
     adapter = adapter_named("numpy")
+    where = "sim://run/step_000001000"
     saver = Saver(asynchronous=False, group=_SimGroup(0, world))
+    extents = sorted({shape[0] for _, shape in shapes})
+    first_plan = SimPlanner(adapter, 0, world).plan(sim_state(shapes, 0))
+    holders = replicated_holders(first_plan, world)
+    planned, even, kinds = sample_ranks(world, sample, extents, holders)
+    sampled = len(planned) < world
+    restore_ranks = sorted({even[round(i * (len(even) - 1) / 8)] for i in range(9)})
     phases: dict[str, list[float]] = {
         k: [] for k in ("plan", "digest", "leaves_to_write", "files_first", "files_reused", "part")
     }
-    part_bytes: list[int] = []
+    totals: list[float] = []
+    part_bytes: dict[int, int] = {}
+    index_bytes: dict[int, int] = {}
     proposal_bytes: list[int] = []
     leaves_written: list[int] = []
-    blobs: list[bytes] = []
+    blobs: dict[int, bytes] = {}
+    records: dict[int, tuple[int, int]] = {}
+    own_boxes: dict[int, list[tuple[int, Box]]] = {}
+    indexes: dict[int, bytes] = {}
     coordinator_plan: SavePlan | None = None
+    even_set = set(even)
     started = time.perf_counter()
-    for rank in range(world):
+    for count, rank in enumerate(planned):
         state = sim_state(shapes, rank)
         t0 = time.perf_counter()
         plan = SimPlanner(adapter, rank, world).plan(state)
@@ -282,123 +341,200 @@ def plan_world(
         assert again == files and sorted(i for f in files for i in f) == mine
         job = simulated_write(plan, files, rank)
         t6 = time.perf_counter()
-        blob = part_of(job).to_json()
+        part, index = indexed_part(job)
+        blob = part.to_json()
         t7 = time.perf_counter()
-        for key, value in zip(
-            phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t7 - t6), strict=True
-        ):
-            phases[key].append(value)
-        part_bytes.append(len(blob))
-        proposal_bytes.append(len(pickle.dumps(Proposal(digest, keys))))
-        leaves_written.append(len(mine))
-        blobs.append(blob)
+        if rank in even_set:
+            for key, value in zip(
+                phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t7 - t6), strict=True
+            ):
+                phases[key].append(value)
+            # A first save's planning: files_first includes leaves_to_write.
+            totals.append((t1 - t0) + (t2 - t1) + (t4 - t3) + (t7 - t6))
+            proposal_bytes.append(len(pickle.dumps(Proposal(digest, keys))))
+            leaves_written.append(len(mine))
+        part_bytes[rank] = len(blob)
+        index_bytes[rank] = len(index)
+        blobs[rank] = blob
+        assert part.index is not None
+        records[rank] = part.index
+        # Its FSDP box of every sharded tensor overlaps only its own piece (an empty one: none).
+        boxes = []
+        numbers = sharded_numbers(plan)
+        for leaf_index, number in numbers.items():
+            shard = plan.leaves[leaf_index].shard
+            assert shard is not None and shard.rule is not None
+            box = Box(shard.offsets, tuple(plan.leaves[leaf_index].spec.shape))
+            assert shard.rule.piece(shard.global_shape, (rank,)) == box
+            needed = {r for _, r, _ in shard.rule.overlapping(shard.global_shape, box)}
+            assert needed == ({rank} if box.numel else set()), (rank, leaf_index, needed)
+            boxes.append((number, box))
+        if rank in restore_ranks:
+            own_boxes[rank] = boxes
+            indexes[rank] = index
         if rank == 0:
             coordinator_plan = plan
-        if rank % 1024 == 1023:
+        if count % 1024 == 1023:
             log(
-                f"  world {world}: {rank + 1} ranks planned ({time.perf_counter() - started:.0f} s)"
+                f"  world {world}: {count + 1} of {len(planned)} ranks planned "
+                f"({time.perf_counter() - started:.0f} s)"
             )
     assert coordinator_plan is not None
+    planning_s = time.perf_counter() - started
+    # The parts of the ranks not planned: the nearest lower planned rank of the same kind, its
+    # rank replaced, its index's size copied and its CRC made up.
+    s0 = time.perf_counter()
+    donors: dict[int, Part] = {}
+    last_of_kind: dict[tuple[Any, ...], int] = {}
+    all_blobs: list[bytes] = []
+    synthesized = 0
+    for rank in range(world):
+        kind = kinds[rank]
+        if rank in blobs:
+            last_of_kind[kind] = rank
+            all_blobs.append(blobs[rank])
+            continue
+        donor_rank = last_of_kind[kind]
+        donor = donors.get(donor_rank)
+        if donor is None:
+            donor = donors[donor_rank] = part_from_json(blobs[donor_rank], donor_rank)
+            assert not donor.files and not donor.rows and not donor.chunks
+        assert donor.index is not None
+        size = donor.index[0]
+        crc = crc32c_of(b"synthesized index of rank %d" % rank)
+        all_blobs.append(dataclasses.replace(donor, rank=rank, index=(size, crc)).to_json())
+        synthesized += 1
+    synth_s = time.perf_counter() - s0
+    del blobs, donors
+    # Index sizes within one kind (what copying a donor's size can be off by).
+    by_kind: dict[tuple[Any, ...], list[int]] = {}
+    for rank in planned:
+        by_kind.setdefault(kinds[rank], []).append(index_bytes[rank])
+    spread = max((max(v) - min(v) for v in by_kind.values()), default=0)
+    even_parts = [part_bytes[r] for r in even]
+    even_indexes = [index_bytes[r] for r in even]
     result: dict[str, Any] = {
         "world": world,
         "params": len(shapes),
         "shared_leaves": coordinator_plan.shared_count,
+        "sampled": sampled,
+        "ranks_planned": len(planned),
+        "ranks_even": len(even),
+        "replicated_holders": len(holders),
+        "kinds": len(set(kinds.values())),
+        "parts_synthesized": synthesized,
+        "planning_wall_s": planning_s,
+        "synthesis_wall_s": synth_s,
+        "index_size_spread_within_kind": spread,
         "per_rank_s": {k: statistics.median(v) for k, v in phases.items()},
         "per_rank_max_s": {k: max(v) for k, v in phases.items()},
-        "part_bytes_median": statistics.median(part_bytes),
-        "part_bytes_max": max(part_bytes),
+        "per_rank_total_s": statistics.median(totals),
+        "per_rank_total_max_s": max(totals),
+        "part_bytes_median": statistics.median(even_parts),
+        "part_bytes_max": max(part_bytes.values()),
+        "index_bytes_median": statistics.median(even_indexes),
+        "index_bytes_max": max(index_bytes.values()),
         "proposal_bytes": max(proposal_bytes),
         "leaves_written_median": statistics.median(leaves_written),
         "leaves_written_max": max(leaves_written),
-        "agree_gather_bytes_per_rank": world * max(proposal_bytes),
     }
-    # The coordinator: parse every part (as _collect_parts does), merge, serialize.
+    log(
+        f"  world {world}: {len(planned)} ranks planned in {planning_s:.0f} s"
+        + (f", {synthesized} parts synthesized in {synth_s:.1f} s" if synthesized else "")
+    )
+    # The coordinator: parse every part (as collect_parts does), merge, serialize.
     gc.collect()
     t0 = time.perf_counter()
-    parts: list[Part] = [part_from_json(blob, rank) for rank, blob in enumerate(blobs)]
+    parts: list[Part] = [part_from_json(blob, rank) for rank, blob in enumerate(all_blobs)]
     t1 = time.perf_counter()
-    del blobs
-    manifest = merge(coordinator_plan, parts, "sim://run/step_000001000")
+    del all_blobs
+    manifest, table = merge_indexed(coordinator_plan, parts, where, "indexes.tbl")
     t2 = time.perf_counter()
     del parts
     gc.collect()
     t3 = time.perf_counter()
     data = serialize_manifest(manifest)
     t4 = time.perf_counter()
-    # The chunk geometry check alone (inside merge above), and the pairwise test it replaced.
-    boxes = [
-        (s.shape, [Box(c.offsets, manifest.tensors[c.tensor].shape) for c in s.chunks])
-        for s in manifest.sharded
-    ]
-    g0 = time.perf_counter()
-    for shape, chunk_boxes in boxes:
-        check_chunks(shape, chunk_boxes)
-    g1 = time.perf_counter()
-    chunk_count = sum(len(b) for _, b in boxes)
+    assert manifest.indexes is not None
+    for rank, record in records.items():  # the table commits what the planned ranks wrote
+        assert decode_table(table[rank * 12 : rank * 12 + 12], 1)[0] == record
     result.update(
         {
             "coordinator_s": {
                 "parse_parts": t1 - t0,
-                "merge": t2 - t1,
+                "merge_indexed": t2 - t1,
                 "serialize_manifest": t4 - t3,
                 "total": (t1 - t0) + (t2 - t1) + (t4 - t3),
             },
-            "geometry_s": g1 - g0,
-            "chunks": chunk_count,
-            "tensor_rows": len(manifest.tensors),
+            "manifest_rows": {
+                "files": len(manifest.files),
+                "tensors": len(manifest.tensors),
+                "sharded": len(manifest.sharded),
+                "chunk_rows": sum(len(s.chunks) for s in manifest.sharded),
+            },
             "manifest_bytes": len(data),
-            "manifest_bytes_per_chunk": len(data) / max(1, chunk_count),
+            "table_bytes": len(table),
         }
     )
-    if pairwise:
-        # The largest tensor (most non-empty chunks): timed with the old pairwise test.
-        shape, chunk_boxes = max(boxes, key=lambda b: sum(1 for c in b[1] if c.numel))
-        solid = sum(1 for c in chunk_boxes if c.numel)
-        p0 = time.perf_counter()
-        pairwise_check_chunks(shape, chunk_boxes)
-        p1 = time.perf_counter()
-        check_chunks(shape, chunk_boxes)
-        p2 = time.perf_counter()
-        per_pair = (p1 - p0) / max(1, solid * (solid - 1) // 2)
-        all_pairs = sum((n := sum(1 for c in b if c.numel)) * (n - 1) // 2 for _, b in boxes)
-        result["pairwise"] = {
-            "tensor_shape": list(shape),
-            "solid_chunks": solid,
-            "pairs": solid * (solid - 1) // 2,
-            "pairwise_s": p1 - p0,
-            "sweep_s": p2 - p1,
-            "all_tensors_pairs": all_pairs,
-            "all_tensors_pairwise_s_extrapolated": per_pair * all_pairs,
-        }
-    del manifest, boxes
+    del manifest
     gc.collect()
-    # Settle: every rank all-gathers (error, culprits): O(1) bytes each, so each rank receives
-    # world x that. Ranks other than 0 read the manifest back only for sv.save (not the manager).
-    reply = pickle.dumps((None, []))
-    p0 = time.perf_counter()
-    parse_manifest(data, "sim://run/step_000001000")
-    p1 = time.perf_counter()
-    result["settle"] = {
-        "reply_bytes": len(reply),
-        "gather_bytes_per_rank": world * len(reply),
-        "parse_manifest_s": p1 - p0,
-        "manifest_limit_bytes": MAX_MANIFEST_BYTES,
+    # A restoring rank at the same world size: the manifest, the table, its own index.
+    restore: dict[str, list[float]] = {
+        k: [] for k in ("parse_manifest", "table", "own_index", "needed_ranks", "expand", "total")
     }
-    del data
+    for rank in restore_ranks:
+        index = indexes[rank]
+        t0 = time.perf_counter()
+        opened = parse_manifest(data, where)
+        t1 = time.perf_counter()
+        assert opened.indexes is not None
+        assert format_checksum(crc32c_of(table)) == opened.indexes.checksum
+        table_records = decode_table(table, opened.ranks)
+        t2 = time.perf_counter()
+        size, crc = table_records[rank]
+        assert size == len(index) and crc32c_of(index) == crc
+        doc = check_index(_strict_json(index), rank)
+        t3 = time.perf_counter()
+        needed = {rank}  # its per-rank state
+        for number, box in own_boxes[rank]:
+            entry = opened.sharded[number]
+            assert entry.rule is not None
+            needed.update(r for _, r, _ in entry.rule.overlapping(entry.shape, box))
+        t4 = time.perf_counter()
+        assert needed == {rank}, (rank, sorted(needed)[:8])
+        expanded = expand_manifest(opened, {rank: doc}, where)
+        t5 = time.perf_counter()
+        assert len(expanded.tensors) == len(opened.tensors) + len(doc["tensors"])
+        for key, value in zip(
+            restore, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0), strict=True
+        ):
+            restore[key].append(value)
+        del opened, expanded, doc
+    result["restore"] = {
+        "ranks": restore_ranks,
+        "median_s": {k: statistics.median(v) for k, v in restore.items()},
+        "max_s": {k: max(v) for k, v in restore.items()},
+        "bytes_beyond_own_index": len(data) + len(table),
+        "bytes_median": len(data) + len(table) + statistics.median(even_indexes),
+        "bytes_max": len(data) + len(table) + max(index_bytes.values()),
+    }
+    del data, table, indexes
     gc.collect()
     return result
+
+
+def size_text(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def print_planning(results: list[dict[str, Any]], log: Callable[[str], None]) -> None:
     def ms(x: float) -> str:
         return f"{x * 1e3:.2f} ms"
 
-    def size(n: float) -> str:
-        for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
-            if n >= scale:
-                return f"{n / scale:.1f} {unit}"
-        return f"{n:.0f} B"
-
+    size = size_text
     worlds = [r["world"] for r in results]
     head = "| | " + " | ".join(f"{w:,} ranks" for w in worlds) + " |"
     rows = [head, "|---|" + "---:|" * len(worlds)]
@@ -406,6 +542,16 @@ def print_planning(results: list[dict[str, Any]], log: Callable[[str], None]) ->
     def row(label: str, values: Sequence[str]) -> None:
         rows.append(f"| {label} | " + " | ".join(values) + " |")
 
+    row(
+        "ranks planned (evenly spread + replicated holders + first of each kind) / parts "
+        "synthesized",
+        [
+            f"{r['ranks_planned']:,} ({r['ranks_even']:,} + ...) / {r['parts_synthesized']:,}"
+            if r["sampled"]
+            else f"all {r['world']:,} / 0"
+            for r in results
+        ],
+    )
     row(
         "leaves in the plan (shared) / written by a rank (median, max)",
         [
@@ -419,66 +565,97 @@ def print_planning(results: list[dict[str, Any]], log: Callable[[str], None]) ->
         "leaves_to_write": "per rank: leaves_to_write",
         "files_first": "per rank: file grouping, first save (leaves_to_write + assign_files)",
         "files_reused": "per rank: file grouping, unchanged plan (cached)",
-        "part": "per rank: build + serialize its Part",
+        "part": "per rank: indexed_part + Part.to_json",
     }
     for key, label in labels.items():
         row(label + " (median)", [ms(r["per_rank_s"][key]) for r in results])
+    row(
+        "per rank: planning total, first save (plan + digest + grouping + part; median / max)",
+        [f"{ms(r['per_rank_total_s'])} / {ms(r['per_rank_total_max_s'])}" for r in results],
+    )
     row(
         "per rank: Part JSON sent (median / max)",
         [f"{size(r['part_bytes_median'])} / {size(r['part_bytes_max'])}" for r in results],
     )
     row(
-        "per rank: agree message (pickled) / all-gathered",
-        [
-            f"{size(r['proposal_bytes'])} / {size(r['agree_gather_bytes_per_rank'])}"
-            for r in results
-        ],
+        "per rank: its index (median / max)",
+        [f"{size(r['index_bytes_median'])} / {size(r['index_bytes_max'])}" for r in results],
+    )
+    row(
+        "per rank: agree message (pickled)",
+        [size(r["proposal_bytes"]) for r in results],
     )
     row(
         "coordinator: part_from_json x world",
         [ms(r["coordinator_s"]["parse_parts"]) for r in results],
     )
-    row("coordinator: merge (incl. geometry)", [ms(r["coordinator_s"]["merge"]) for r in results])
-    row("  of which check_chunks, all tensors", [ms(r["geometry_s"]) for r in results])
+    row("coordinator: merge_indexed", [ms(r["coordinator_s"]["merge_indexed"]) for r in results])
     row(
         "coordinator: serialize_manifest",
         [ms(r["coordinator_s"]["serialize_manifest"]) for r in results],
     )
     row("coordinator: total", [ms(r["coordinator_s"]["total"]) for r in results])
     row(
-        "manifest: chunks / tensor rows",
-        [f"{r['chunks']:,} / {r['tensor_rows']:,}" for r in results],
+        "manifest: files / tensor rows / sharded rows / chunk rows",
+        [
+            "{files} / {tensors} / {sharded} / {chunk_rows}".format(**r["manifest_rows"])
+            for r in results
+        ],
+    )
+    row("commit record: manifest.json", [size(r["manifest_bytes"]) for r in results])
+    row("commit record: indexes.tbl (12 B per rank)", [size(r["table_bytes"]) for r in results])
+    row(
+        "restoring rank reads: manifest + table + own index (median / max)",
+        [
+            f"{size(r['restore']['bytes_median'])} / {size(r['restore']['bytes_max'])}"
+            for r in results
+        ],
     )
     row(
-        "manifest.json bytes (per chunk)",
-        [f"{size(r['manifest_bytes'])} ({r['manifest_bytes_per_chunk']:.0f} B)" for r in results],
+        "  of which beyond its own index (manifest + table)",
+        [size(r["restore"]["bytes_beyond_own_index"]) for r in results],
     )
-    row(
-        "settle: all_gather_object bytes received per rank",
-        [size(r["settle"]["gather_bytes_per_rank"]) for r in results],
-    )
-    row(
-        "settle: parse_manifest (rank 0; others only for sv.save)",
-        [ms(r["settle"]["parse_manifest_s"]) for r in results],
-    )
-    if all("pairwise" in r for r in results):
+    restore_labels = {
+        "parse_manifest": "restoring rank: parse_manifest",
+        "table": "restoring rank: table CRC + decode_table",
+        "own_index": "restoring rank: own index CRC + JSON + check_index",
+        "needed_ranks": "restoring rank: rule.overlapping, every sharded tensor",
+        "expand": "restoring rank: expand_manifest with its own index",
+        "total": "restoring rank: total",
+    }
+    for key, label in restore_labels.items():
         row(
-            "geometry, largest tensor: non-empty chunks / pairs",
-            [f"{r['pairwise']['solid_chunks']:,} / {r['pairwise']['pairs']:,}" for r in results],
-        )
-        row(
-            "  old pairwise overlap test / new sweep",
+            label + " (median / max)",
             [
-                f"{r['pairwise']['pairwise_s']:.2f} s / {ms(r['pairwise']['sweep_s'])}"
+                f"{ms(r['restore']['median_s'][key])} / {ms(r['restore']['max_s'][key])}"
                 for r in results
             ],
         )
-        row(
-            "  old pairwise, all tensors (extrapolated from the one)",
-            [f"{r['pairwise']['all_tensors_pairwise_s_extrapolated']:.0f} s" for r in results],
-        )
     for line in rows:
         log(line)
+    by_world = {r["world"]: r for r in results}
+    if 1024 in by_world and 8192 in by_world:
+        growth = by_world[8192]["manifest_bytes"] / by_world[1024]["manifest_bytes"]
+        log(f"manifest.json growth 1,024 -> 8,192 ranks: {growth:.3f}x")
+    for r in results:
+        if not r["sampled"]:
+            log(
+                f"{r['world']:,} ranks: every rank planned (per-rank figures over all of them), "
+                f"restoring-rank figures over ranks {r['restore']['ranks']}"
+            )
+            continue
+        log(
+            f"{r['world']:,} ranks: {r['ranks_planned']:,} ranks planned ({r['ranks_even']} "
+            f"evenly spread incl. rank 0 and {r['world'] - 1}, the {r['replicated_holders']} "
+            "ranks dealt a replicated leaf, the first rank of each of "
+            f"{r['kinds']} kinds); per-rank medians are over the {r['ranks_even']} evenly spread "
+            "ranks, maxima over all planned ranks, restoring-rank figures over ranks "
+            f"{r['restore']['ranks']}. The other {r['parts_synthesized']:,} parts were "
+            "synthesized (a planned rank of the same kind, rank replaced, index size copied, "
+            "CRC made up; index sizes within one kind differ by up to "
+            f"{r['index_size_spread_within_kind']} B) and go through the coordinator like the "
+            "rest: coordinator and commit-record figures cover all ranks."
+        )
 
 
 # ---------------------------------------------------------------- part 2: real runs vs DCP
@@ -784,14 +961,25 @@ def machine() -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worlds", default="1024,8192", help="simulated world sizes ('' skips)")
+    parser.add_argument(
+        "--worlds", default="1024,8192,65536", help="simulated world sizes ('' skips)"
+    )
+    parser.add_argument(
+        "--sample-ranks",
+        type=int,
+        default=256,
+        help="worlds above --sample-above plan this many evenly spread ranks (plus the ranks "
+        "dealt replicated leaves and the first rank of each kind); the rest are synthesized",
+    )
+    parser.add_argument(
+        "--sample-above", type=int, default=8192, help="plan every rank up to this world size"
+    )
     parser.add_argument(
         "--layers", type=int, default=11, help="simulated model: layers (9 params each)"
     )
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--ffn", type=int, default=11008)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--no-pairwise", action="store_true", help="skip the old O(n^2) test")
     parser.add_argument("--ranks", default="2,4", help="real gloo runs ('' skips)")
     parser.add_argument("--model-mib", type=float, default=144, help="FSDP2 state incl. Adam")
     parser.add_argument("--reps", type=int, default=3)
@@ -821,11 +1009,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log(
             f"planning: Llama-like model, {len(shapes)} parameters ({params / 1e9:.2f} B), "
             "weights and 2 Adam moments sharded on dim 0 over every rank, "
-            f"{len(shapes)} replicated step scalars, per-rank RNG state"
+            f"{len(shapes)} replicated step scalars, per-rank RNG state; format 3 "
+            "(dim-0 ShardRule per sharded tensor, one index per rank)"
         )
         planning = []
         for world in worlds:
-            planning.append(plan_world(world, shapes, not args.no_pairwise, log))
+            sample = args.sample_ranks if world > args.sample_above else world
+            planning.append(plan_world(world, shapes, sample, log))
             gc.collect()
         out["planning"] = planning
         print_planning(planning, log)

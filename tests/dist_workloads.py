@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -141,11 +142,14 @@ def mesh_2d_save(rank: int, world: int, path: str) -> dict[str, Any]:
         "b": distribute_tensor(b, mesh, [Replicate(), Shard(0)]),
         "c": c,
     }
-    manifest = sv.save(state, path)
+    from statevault.checkpoint import open_checkpoint
+
+    sv.save(state, path)
+    everything = open_checkpoint(path).manifest  # sv.save's has this rank's chunks only
     return {
         "full": {"a": a.numpy(), "b": b.numpy(), "c": c.numpy()},
-        "chunks": {s.path: len(s.chunks) for s in manifest.sharded},
-        "writers": sorted({t.file.split("-")[1] for t in manifest.tensors}),
+        "chunks": {s.path: len(s.chunks) for s in everything.sharded},
+        "writers": sorted({t.file.split("-")[1] for t in everything.tensors}),
     }
 
 
@@ -408,3 +412,46 @@ def interleaved_save(rank: int, world: int, path: str, count: int, rows: int) ->
         state[f"w{i}"] = distribute_tensor(weight, mesh, [Shard(0)])
         state[f"step{i}"] = torch.tensor(float(i))
     sv.save(state, path)
+
+
+def format3_save(rank: int, world: int, path: str) -> dict[str, Any]:
+    """The FSDP2 model of the resharding tests after one step, saved by ``world`` ranks; its
+    full state, and the metadata sizes: manifest, index table, this rank's own index."""
+    trained, stateful = _build("fsdp", world)
+    opt = torch.optim.AdamW(trained.parameters(), lr=0.01)
+    train(trained, opt, range(1), rank, world)
+    state = {"model": stateful, "optimizer": opt, "step": 1, "where": sv.PerRank(rank)}
+    sv.save(state, path)
+    return {
+        "full": full_state(stateful, opt),
+        "manifest": os.path.getsize(os.path.join(path, "manifest.json")),
+        "table": os.path.getsize(os.path.join(path, "indexes.tbl")),
+        "own_index": os.path.getsize(os.path.join(path, f"index-r{rank:05d}.json")),
+    }
+
+
+def format3_load(rank: int, world: int, paths: list[str]) -> list[dict[str, Any]]:
+    """Each checkpoint of ``paths`` restored into a fresh FSDP2 model on ``world`` ranks: the
+    full state restored, and the ranks whose indexes the load read."""
+    from statevault.checkpoint import indexes
+
+    read: list[int] = []
+    original = indexes.with_indexes
+
+    def recording(location: Any, dir_fd: Any, manifest: Any, ranks: Any) -> Any:
+        read.extend(range(manifest.ranks) if ranks is None else ranks)
+        return original(location, dir_fd, manifest, ranks)
+
+    indexes.with_indexes = recording  # type: ignore[assignment]
+    results = []
+    for path in paths:
+        read.clear()
+        trained, stateful = _build("fsdp", world)
+        opt = torch.optim.AdamW(trained.parameters(), lr=0.01)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # per-rank state from another world size: said
+            state = sv.load(path, into={"model": stateful, "optimizer": opt})
+        results.append(
+            {"full": full_state(stateful, opt), "read": sorted(set(read)), "where": state["where"]}
+        )
+    return results

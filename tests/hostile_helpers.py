@@ -116,9 +116,11 @@ def read_body(ck: Path) -> dict[str, Any]:
 
 def write_body(ck: Path, body: Any, version: int | str | None = None) -> None:
     """Replace the manifest body, re-checksummed so that only validation can object. The
-    version defaults to the one the body needs (2 with ``ranks``, else 1)."""
+    version defaults to the one the body needs (3 with ``indexes``, 2 with ``ranks``, else 1)."""
     if version is None:
-        version = 2 if isinstance(body, dict) and "ranks" in body else 1
+        version = 1
+        if isinstance(body, dict):
+            version = 3 if "indexes" in body else 2 if "ranks" in body else 1
     data = json.dumps(body, ensure_ascii=True, indent=1).encode("ascii")
     manifest_path(ck).write_bytes(wrap_body(data, version))
 
@@ -244,3 +246,11 @@ def attempt(ck: Path, outside: Path | None = None, **load_kwargs: Any) -> Attemp
     if outside is not None:
         assert _snapshot(outside, skip=ck) == before_out, "something outside was touched"
     return Attempt(error, loaded, report, verify_error, opened)
+
+
+def refused(ck: Path) -> str:
+    """Assert that load raises a corruption error and verify fails on ``ck``; return the text."""
+    result = attempt(ck, outside=ck.parent)
+    text = result.raised(sv.CorruptCheckpointError)
+    result.verify_failed()
+    return text

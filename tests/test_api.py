@@ -59,6 +59,8 @@ def test_error_tree() -> None:
     internal = {
         "statevault.engine.files.NotAFile",
         "statevault.format.geometry.GeometryError",
+        "statevault.format.indexed.IndexFormatError",
+        "statevault.format.rules.RuleError",
         "statevault.cli.diff_numeric.NoArithmetic",
     }
     outside = [n for n, e in found.items() if not issubclass(e, sv.CheckpointError)]

@@ -36,11 +36,12 @@ def test_fsdp_resharding_matrix(tmp_path: Path) -> None:
     four, two = str(tmp_path / "fsdp4"), str(tmp_path / "fsdp2")
     saved4 = run_ranks(work.session, 4, "fsdp", None, 3, four)
     manifest = open_checkpoint(four).manifest
-    assert manifest.format_version == 2 and manifest.ranks == 4
+    assert manifest.format_version == 3 and manifest.ranks == 4 and manifest.complete
     # Every rank wrote its own shards; 5 rows over 4 ranks leave an empty chunk, still recorded.
     assert {t.file.split("-")[1] for t in manifest.tensors} == {f"r{r:05d}" for r in range(4)}
     bias = next(s for s in manifest.sharded if s.path == "model/2.bias")
     assert [manifest.tensors[c.tensor].shape[0] for c in bias.chunks] == [2, 2, 2, 1]
+    assert bias.rule is not None and bias.rule.mesh == (4,)  # FSDP's dim-0 split, as a rule
     # 4 -> 2 ranks, then training on and saving at 2 ranks.
     loaded2 = run_ranks(work.session, 2, "fsdp", four, 2, two)
     for rank in range(2):
@@ -208,3 +209,32 @@ def test_distributed_save_to_an_object_store_and_reshard(s3_bucket: Any) -> None
 
 def test_saving_on_the_chief_alone_remains_available(tmp_path: Path) -> None:
     assert run_ranks(work.chief_only, 2, str(tmp_path / "chief")) == ["[0.0, 0.0, 0.0, 0.0]"] * 2
+
+
+def test_format_3_metadata_stays_flat_and_each_rank_reads_its_own_index(tmp_path: Path) -> None:
+    """The same FSDP2 model saved by 2 and by 4 ranks: the commit record (manifest.json) grows
+    by at most 1.25x, a rank restoring at the same world size reads only its own index, and
+    both checkpoints load bit-identically on 1, 2 and 3 ranks."""
+    paths = {world: str(tmp_path / f"saved{world}") for world in (2, 4)}
+    saved = {world: run_ranks(work.format3_save, world, paths[world]) for world in (2, 4)}
+    assert saved[4][0]["manifest"] <= 1.25 * saved[2][0]["manifest"], (
+        saved[2][0]["manifest"],
+        saved[4][0]["manifest"],
+    )
+    for world in (2, 4):
+        assert saved[world][0]["table"] == 12 * world
+        reads = saved[world][0]["manifest"] + saved[world][0]["table"]
+        own = max(result["own_index"] for result in saved[world])
+        assert reads + own < 64 * 1024  # what a restoring rank reads before any payload
+    for load_world in (1, 2, 3):
+        loaded = run_ranks(work.format3_load, load_world, [paths[2], paths[4]])
+        for rank, results in enumerate(loaded):
+            for world, result in zip((2, 4), results, strict=True):
+                assert_same(result["full"], saved[world][0]["full"])
+                assert result["where"] == rank % world
+                if load_world == world:
+                    assert result["read"] == [rank], (world, rank, result["read"])
+                elif load_world == 1:
+                    assert result["read"] == list(range(world))  # whole tensors: every piece
+                else:
+                    assert len(result["read"]) < world or world == 2, (world, result["read"])

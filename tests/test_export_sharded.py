@@ -52,7 +52,7 @@ def sharded_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_ranks(save_sharded, 2, str(path))
     manifest = open_checkpoint(path).manifest
     chunks = {row.path: len(row.chunks) for row in manifest.sharded}
-    assert manifest.format_version == 2
+    assert manifest.format_version == 3 and manifest.indexes is not None
     assert chunks["model/rows"] == chunks["model/cols"] == chunks["model/cube"] == 2
     return path
 

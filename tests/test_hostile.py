@@ -575,7 +575,7 @@ def test_tree_nested_beyond_the_limit(ck: Path, kind: str) -> None:
 # --- versions, tags, ids, dtypes, frameworks -----------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [3, 10, 999_999_999, 10**12])
+@pytest.mark.parametrize("version", [4, 10, 999_999_999, 10**12])
 def test_newer_format_version(ck: Path, version: int) -> None:
     manifest_path(ck).write_bytes(wrap_body(_body_text(ck).encode(), version))
     text = hostile(ck, sv.UnsupportedFormatError)

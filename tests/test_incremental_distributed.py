@@ -5,13 +5,13 @@ checkpoint loads whole into one process."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 import statevault as sv
+from statevault.checkpoint import open_checkpoint
 from statevault.manager.naming import step_dir_name
 from tests import incremental_workloads as work
 from tests.dist_helpers import run_ranks
@@ -19,8 +19,8 @@ from tests.dist_helpers import run_ranks
 
 def _files_of(checkpoint: Path, tensor: str) -> dict[str, int]:
     """The shard files holding (a shard of) ``tensor``, with their inode."""
-    body = json.loads((checkpoint / "manifest.json").read_text())["body"]
-    names = {row["file"] for row in body["tensors"] if row["path"] == tensor}
+    with open_checkpoint(checkpoint) as opened:  # every rank's rows
+        names = {row.file for row in opened.manifest.tensors if row.path == tensor}
     return {name: os.stat(checkpoint / name).st_ino for name in sorted(names)}
 
 

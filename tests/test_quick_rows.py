@@ -1,7 +1,7 @@
 """The fast path of tensor-row validation accepts exactly what the full validator accepts.
 
 ``format.quick_rows.tensor_entry_or_none`` runs on every row of every load; the step-by-step
-rule (``_Validator.tensor_checked``) names problems. Rows are generated valid, then damaged
+rule (``Validator.tensor_checked``) names problems. Rows are generated valid, then damaged
 field by field (wrong types, out-of-range numbers, unknown dtypes, bad checksums, attrs and
 block lists that do not fit); for each, the fast path must give the same entry as the full
 rule, or None exactly where the full rule raises.
@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from statevault.errors import CorruptCheckpointError
 from statevault.format import dtypes
-from statevault.format.manifest import BLOCK_BYTES, FileEntry, TensorEntry, _Validator
+from statevault.format.manifest import BLOCK_BYTES, FileEntry, TensorEntry
 from statevault.format.quick_rows import tensor_entry_or_none
+from statevault.format.validator import Validator
 
 FILES = {
     "a.safetensors": FileEntry("a.safetensors", 64 << 20, 64, "crc32c:00000000"),
@@ -171,7 +172,7 @@ def damaged(draw: st.DrawFn, rows: st.SearchStrategy[dict[str, Any]]) -> Any:
 
 def full_rule(row: Any) -> TensorEntry | None:
     try:
-        return _Validator("ckpt").tensor_checked(row, 0, FILES)
+        return Validator("ckpt").tensor_checked(row, 0, FILES)
     except CorruptCheckpointError:
         return None
 
@@ -209,7 +210,7 @@ def test_a_rejected_row_is_named_by_the_full_rule() -> None:
     }
     assert tensor_entry_or_none(row, FILES, BLOCK_BYTES) is None
     try:
-        _Validator("ckpt").tensor(row, 3, FILES)
+        Validator("ckpt").tensor(row, 3, FILES)
     except CorruptCheckpointError as exc:
         assert "tensors[3] (w): 9 bytes do not match dtype float32" in str(exc)
     else:

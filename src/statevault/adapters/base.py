@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from statevault.format.manifest import TensorEntry
+from statevault.format.rules import ShardRule
 
 
 class Staging(Protocol):
@@ -50,6 +51,9 @@ class ShardInfo:
     # ranks differing only there hold the same chunk, and only one of them stores it.
     replicas: tuple[tuple[int, int], ...] = ()
     attrs: dict[str, Any] = field(default_factory=dict)  # of the whole tensor (Parameter-ness)
+    # The layout as a rule (format/rules.py; replicate placements at coordinate 0, the saver
+    # picks the writer), when the sharding is regular enough to have one; else None.
+    rule: ShardRule | None = None
 
 
 @dataclass(frozen=True)

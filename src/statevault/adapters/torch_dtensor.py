@@ -16,6 +16,7 @@ import torch
 from statevault.adapters.base import ShardInfo
 from statevault.errors import UnsupportedValueError
 from statevault.format.geometry import Box
+from statevault.format.rules import REPLICATE, SHARD, ShardRule
 
 
 def dtensor_class() -> Any:
@@ -59,7 +60,42 @@ def describe_dtensor(value: Any, path: str) -> tuple[torch.Tensor, ShardInfo]:
             f"the DTensor's local tensor has shape {tuple(local.shape)}, its chunk {box.sizes} "
             "(padded local shards are not supported)",
         )
-    return local, ShardInfo(tuple(int(d) for d in value.shape), box.offsets, replicas, attrs)
+    shape = tuple(int(d) for d in value.shape)
+    rule = sharding_rule(value, shape, tuple(int(c) for c in coordinate), box, path)
+    return local, ShardInfo(shape, box.offsets, replicas, attrs, rule)
+
+
+def sharding_rule(
+    value: Any, shape: tuple[int, ...], coordinate: tuple[int, ...], box: Box, path: str
+) -> ShardRule | None:
+    """The DTensor's layout as a rule (format/rules.py), when every placement is a plain
+    ``Shard`` or ``Replicate``; None for others (``_StridedShard``: its pieces get rows)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements: list[tuple[str, int]] = []
+    for placement in value.placements:
+        if type(placement) is Shard:
+            placements.append((SHARD, int(placement.dim)))
+        elif type(placement) is Replicate:
+            placements.append((REPLICATE, 0))
+        else:
+            return None
+    mesh = value.device_mesh
+    ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
+    contiguous = ranks == list(range(ranks[0], ranks[0] + len(ranks)))
+    rule = ShardRule(
+        tuple(int(d) for d in mesh.mesh.shape),
+        tuple(placements),
+        ranks[0] if contiguous else 0,
+        None if contiguous else tuple(ranks),
+    )
+    if rule.piece(shape, coordinate) != box:  # never seen: torch and the rule disagree
+        raise UnsupportedValueError(
+            path,
+            f"this rank's piece {box} is not the one its placements {value.placements} give "
+            f"({rule.piece(shape, coordinate)}); please report this layout",
+        )
+    return rule
 
 
 def local_box(value: Any) -> Box:

@@ -102,10 +102,14 @@ def check_agreement(
 
 def plan_digest(plan: SavePlan) -> tuple[str, dict[str, str]]:
     """A digest of what must be equal on every rank: the tree (per-rank branches left out) and
-    each shared leaf's dtype and global shape; and one digest per top-level key, to name the
-    keys that differ."""
+    each shared leaf's dtype, global shape and sharding rule; and one digest per top-level key,
+    to name the keys that differ."""
     shapes = [
-        (leaf.spec.dtype, leaf.shard.global_shape if leaf.shard else leaf.spec.shape)
+        (
+            leaf.spec.dtype,
+            leaf.shard.global_shape if leaf.shard else leaf.spec.shape,
+            leaf.shard.rule.to_json() if leaf.shard and leaf.shard.rule else None,
+        )
         for leaf in plan.leaves[: plan.shared_count]
     ]
     tree = _without_rank_branches(plan.tree)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from statevault.checkpoint.needed_ranks import own_branch_rank, read_needed_ranks
 from statevault.checkpoint.open import READ_ATTEMPTS, OpenCheckpoint, PathLike, open_checkpoint
 from statevault.checkpoint.read import decode, read_tensors
 from statevault.checkpoint.restore import LoadedState, restore_into
@@ -43,7 +44,8 @@ def load(
         weights = sv.load("ckpt/epoch10", only="model")
     """
     for attempt in range(1, READ_ATTEMPTS + 1):
-        with open_checkpoint(path, storage_options) as checkpoint:
+        # Format 3: no per-rank index yet; _read_tree reads those the load needs.
+        with open_checkpoint(path, storage_options, ranks=()) as checkpoint:
             try:
                 loaded = _read_tree(checkpoint, into, device, verify, only)
                 break
@@ -65,11 +67,22 @@ def _read_tree(
 ) -> Any:
     """The tree of ``checkpoint`` (or its subtree ``only``), every tensor read and verified."""
     pick_rank = rank_picker(checkpoint.directory)
-    node = checkpoint.manifest.tree
-    if only is not None:
-        try:
-            node = tree_paths.subtree(node, only, checkpoint.directory, rank_and_world()[0])
-        except KeyError as exc:
-            raise CheckpointError(str(exc.args[0])) from None
+    if not checkpoint.manifest.complete:  # format 3: this process's own per-rank branch first
+        checkpoint.read_ranks(own_branch_rank(checkpoint))
+    node = _selected(checkpoint, only)
+    if not checkpoint.manifest.complete:  # then the indexes of the pieces it loads
+        read_needed_ranks(checkpoint, node, into, pick_rank)
+        node = _selected(checkpoint, only)
     tensors = read_tensors(checkpoint, node, into, device, verify, pick_rank, only is None)
     return decode(checkpoint, tensors.plain, node, tensors.sharded, pick_rank)
+
+
+def _selected(checkpoint: OpenCheckpoint, only: str | None) -> Any:
+    """The tree, or its subtree ``only``, of the manifest as expanded so far."""
+    node = checkpoint.manifest.tree
+    if only is None:
+        return node
+    try:
+        return tree_paths.subtree(node, only, checkpoint.directory, rank_and_world()[0])
+    except KeyError as exc:
+        raise CheckpointError(str(exc.args[0])) from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,16 @@ class OpenCheckpoint:
             return False
         return crc32c_of(data) == self.manifest_checksum
 
+    def read_ranks(self, ranks: Iterable[int] | None) -> None:
+        """Expand a format-3 manifest with the indexes of ``ranks`` (None: every rank), once
+        each; nothing to do for formats 1 and 2, whose manifest holds every row."""
+        wanted = None if ranks is None else list(ranks)
+        if self.manifest.indexes is None or wanted == []:
+            return
+        from statevault.checkpoint.indexes import with_indexes
+
+        self.manifest = with_indexes(self.location, self.dir_fd, self.manifest, wanted)
+
     def close(self) -> None:
         fd, self.dir_fd = self.dir_fd, None
         if fd is not None:
@@ -89,24 +99,39 @@ class OpenCheckpoint:
 
 
 def open_checkpoint(
-    path: PathLike | Location, storage_options: Mapping[str, Any] | None = None
+    path: PathLike | Location,
+    storage_options: Mapping[str, Any] | None = None,
+    ranks: Iterable[int] | None = None,
 ) -> OpenCheckpoint:
-    """The checkpoint at ``path`` with its manifest parsed and validated (no payload read)."""
+    """The checkpoint at ``path`` with its manifest parsed and validated (no payload read).
+
+    A format-3 checkpoint's manifest is expanded with the per-rank indexes of ``ranks`` (None:
+    all, so the manifest is complete; ``()``: none yet, see :meth:`OpenCheckpoint.read_ranks`)."""
     location = resolve(path, storage_options)
     if commit.is_temporary(location.name):
         # A save in flight (or dead, or the old side of an overwrite): never a checkpoint,
         # even once its manifest is written, until it is renamed to its final name.
         raise CheckpointNotFoundError(f"{location.url} is an unfinished save, not a checkpoint")
     if not location.local:
-        data = _remote_manifest_bytes(location)
-        manifest = parse_manifest(data, location.url)
-        return OpenCheckpoint(location, manifest, None, crc32c_of(data))
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            data = _remote_manifest_bytes(location)
+            manifest = parse_manifest(data, location.url)
+            opened = OpenCheckpoint(location, manifest, None, crc32c_of(data))
+            try:
+                opened.read_ranks(ranks)
+            except CorruptCheckpointError:
+                if attempt == READ_ATTEMPTS or opened.still_current():
+                    raise
+                continue  # replaced while its indexes were read: read the new one
+            return opened
     for attempt in range(1, READ_ATTEMPTS + 1):
         dir_fd = _open_directory(location.path)
         try:
             data = _local_manifest_bytes(dir_fd, location.path)
             manifest = parse_manifest(data, location.path)
-        except CheckpointNotFoundError:
+            opened = OpenCheckpoint(location, manifest, dir_fd, crc32c_of(data))
+            opened.read_ranks(ranks)
+        except (CheckpointNotFoundError, CorruptCheckpointError):
             replaced = _replaced(dir_fd, location.path)
             os.close(dir_fd)
             if attempt == READ_ATTEMPTS or not replaced:
@@ -115,7 +140,7 @@ def open_checkpoint(
         except BaseException:
             os.close(dir_fd)
             raise
-        return OpenCheckpoint(location, manifest, dir_fd, crc32c_of(data))
+        return opened
     raise AssertionError("unreachable")
 
 

@@ -59,7 +59,7 @@ class RankFiles:
         if known is not None and known.location.url == reuse.url:
             return known
         try:
-            with open_checkpoint(reuse) as previous:
+            with open_checkpoint(reuse, ranks=[rank]) as previous:  # its own index only
                 return Baseline.of(reuse, previous.manifest, rank)
         except CheckpointError as exc:
             logger.warning("statevault: %s cannot be reused (%s): a full save", reuse.url, exc)

@@ -38,14 +38,12 @@ from typing import Any
 
 from statevault.checkpoint.agree import check_agreement, propose
 from statevault.checkpoint.commit import committer_for
-from statevault.checkpoint.info import checkpoint_info
 from statevault.checkpoint.job import SaveJob
+from statevault.checkpoint.merged import merged_manifest, rank_part
 from statevault.checkpoint.open import PathLike, open_checkpoint
 from statevault.checkpoint.parts import (
     Part,
     collect_parts,
-    merge,
-    part_of,
     remove_parts,
     write_part,
 )
@@ -250,7 +248,7 @@ class Saver:
             write_started = time.perf_counter()
             job.write(files, staged)
             job.timings["write_s"] = time.perf_counter() - write_started
-            part = part_of(job)
+            part = self._part(job)
         except BaseException as exc:
             self._report_failure(job, exc)
             raise
@@ -269,22 +267,14 @@ class Saver:
         _log_saved(job, manifest)
         return manifest
 
+    def _part(self, job: SaveJob) -> Part:
+        return rank_part(job, self.group.size)
+
     def _commit(self, job: SaveJob, own: Part, started: float) -> Manifest:
         """Rank 0: every rank's part, merged into one manifest, written last."""
-        world = self.group.size
-        parts = [own, *collect_parts(job, world, self.timeout_s)]
-        manifest = merge(job.plan, parts, job.target.url)
-        remove_parts(job, world)
-        mode = "async" if job.asynchronous else "sync"
-        manifest.info = checkpoint_info(job.plan, job.timings, job.extra_info, started, mode)
-        if self.incremental:  # what this save wrote, and what it shared with the previous one
-            manifest.info["save"]["bytes_written"] = sum(p.written_bytes for p in parts)
-            manifest.info["save"]["bytes_shared"] = sum(p.shared_bytes for p in parts)
-            manifest.info["save"]["stable_files"] = sorted(n for p in parts for n in p.stable_files)
-        if world > 1:
-            save_info = manifest.info["save"]
-            save_info["bytes"] = sum(t.nbytes for t in manifest.tensors)
-            save_info["slowest_rank_write_s"] = max(p.timings.get("write_s", 0.0) for p in parts)
+        parts = [own, *collect_parts(job, self.group.size, self.timeout_s)]
+        manifest = merged_manifest(job, parts, started, self.incremental)
+        remove_parts(job, self.group.size)
         return job.commit(manifest)
 
     def _report_failure(self, job: SaveJob, exc: BaseException) -> None:
@@ -385,9 +375,13 @@ class Saver:
             raise DistributedSaveError(
                 f"save of {pending.url} was not committed: {detail}", ranks
             ) from error
-        if manifest is not None or not self.read_back_manifest:
+        indexed = manifest is None or manifest.indexes is not None
+        if not (indexed and self.read_back_manifest):
             return manifest
-        with open_checkpoint(pending.target or pending.url) as committed:
+        # Format 3: as readers see it, with this rank's own rows (its index); not every
+        # rank's, which at scale would be every rank reading every index.
+        where = pending.target or pending.url
+        with open_checkpoint(where, ranks=[self.group.rank]) as committed:
             return committed.manifest
 
     def close(self) -> None:

@@ -52,8 +52,9 @@ def intersect(a: Box, b: Box) -> Box | None:
     return Box(tuple(offsets), tuple(sizes))
 
 
-def check_chunks(shape: Sequence[int], chunks: Sequence[Box]) -> None:
-    """Raise GeometryError unless ``chunks`` are in bounds, disjoint and cover ``shape``.
+def check_chunks(shape: Sequence[int], chunks: Sequence[Box], complete: bool = True) -> None:
+    """Raise GeometryError unless ``chunks`` are in bounds, disjoint and cover ``shape``
+    (``complete``; else some of a tensor's chunks, which need not cover it).
 
     Empty chunks (a rank holding no rows of an unevenly sharded tensor) are allowed anywhere in
     bounds. The overlap test sweeps the chunks in order of their start in dimension 0 and
@@ -78,7 +79,7 @@ def check_chunks(shape: Sequence[int], chunks: Sequence[Box]) -> None:
     if overlap is not None:
         raise GeometryError(f"chunks {overlap[0]} and {overlap[1]} overlap")
     covered = sum(chunk.numel for _, chunk in solid)
-    if covered != math.prod(shape):
+    if complete and covered != math.prod(shape):
         raise GeometryError(f"chunks cover {covered} of the tensor's {math.prod(shape)} elements")
 
 

@@ -14,26 +14,21 @@ its shape and its file, and ranges may not overlap. docs/FORMAT.md is the normat
 from __future__ import annotations
 
 import copy
-import itertools
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from statevault.errors import CorruptCheckpointError, UnsupportedFormatError
-from statevault.format import dtypes
 from statevault.format.checksum import (
-    CONTENT_HASH_PATTERN,
     crc32c_of,
     format_checksum,
     parse_checksum,
 )
-from statevault.format.geometry import Box, GeometryError, check_chunks
-from statevault.format.names import is_safe_file_name
-from statevault.format.quick_rows import GRAD_DTYPE_PREFIXES, tensor_entry_or_none
+from statevault.format.indexed import IndexFormatError, IndexTable, expand
+from statevault.format.rules import ShardRule
 
-FORMAT_VERSION = 2  # the newest this code reads; writers write 1 unless a feature needs 2
+FORMAT_VERSION = 3  # the newest this code reads; writers write 1 unless a feature needs more
 MAX_MANIFEST_BYTES = 1 << 30
 # Tensors longer than a block carry the running CRC32C at every block boundary ("blocks"), so a
 # ranged read of part of a tensor (resharding, a partial load) is verified without reading it all.
@@ -92,7 +87,8 @@ class ChunkEntry:
 
 @dataclass(frozen=True)
 class ShardedEntry:
-    """A tensor saved in pieces by several ranks: its global shape and every chunk (format 2)."""
+    """A tensor saved in pieces by several ranks: its global shape and every chunk (format 2),
+    or its sharding rule and the chunks read so far from the ranks' indexes (format 3)."""
 
     path: str
     framework: str
@@ -100,6 +96,7 @@ class ShardedEntry:
     shape: tuple[int, ...]
     chunks: tuple[ChunkEntry, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
+    rule: ShardRule | None = None
 
 
 @dataclass
@@ -111,14 +108,35 @@ class Manifest:
     info: dict[str, Any] = field(default_factory=dict)  # created, versions, timings, world size
     sharded: list[ShardedEntry] = field(default_factory=list)
     ranks: int = 1  # processes that saved it: the length of every per_rank node in the tree
+    # Format 3 (format/indexed.py): the index table the manifest commits, the body as read (to
+    # expand with the indexes), and the ranks whose indexes this manifest holds the rows of.
+    indexes: IndexTable | None = None
+    indexed_body: dict[str, Any] | None = field(default=None, repr=False)
+    read_ranks: frozenset[int] = frozenset()
 
     def total_bytes(self) -> int:
+        """Bytes of the shard files (of a format-3 manifest whose indexes were not all read:
+        as its writer recorded them)."""
+        if not self.complete:
+            save = self.info.get("save")
+            recorded = save.get("file_bytes") if isinstance(save, dict) else None
+            if type(recorded) is int:
+                return recorded
         return sum(f.size for f in self.files)
 
     @property
     def format_version(self) -> int:
-        """1 unless the checkpoint uses what format 2 added (sharded tensors, per-rank state)."""
+        """1 unless the checkpoint uses what format 2 added (sharded tensors, per-rank state);
+        3 when its rows live in per-rank indexes."""
+        if self.indexes is not None:
+            return 3
         return 2 if self.sharded or self.ranks > 1 else 1
+
+    @property
+    def complete(self) -> bool:
+        """Whether every row of the checkpoint is here (false for a format-3 manifest whose
+        indexes were not all read)."""
+        return self.indexes is None or len(self.read_ranks) == self.ranks
 
 
 def serialize_manifest(manifest: Manifest) -> bytes:
@@ -133,6 +151,8 @@ def serialize_manifest(manifest: Manifest) -> bytes:
     if manifest.format_version >= 2:
         body["ranks"] = manifest.ranks
         body["sharded"] = [_sharded_to_json(s) for s in manifest.sharded]
+    if manifest.indexes is not None:
+        body["indexes"] = manifest.indexes.to_json()
     # Indented for people to read; past COMPACT_ROWS rows (a job of many ranks) compact, which
     # CPython encodes in C, several times faster than the indented pure-Python path.
     large = len(manifest.tensors) > COMPACT_ROWS
@@ -178,6 +198,8 @@ def _sharded_to_json(entry: ShardedEntry) -> dict[str, Any]:
     }
     if entry.attrs:
         row["attrs"] = entry.attrs
+    if entry.rule is not None:
+        row["rule"] = entry.rule.to_json()
     return row
 
 
@@ -201,7 +223,29 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             f"reads up to {FORMAT_VERSION}): upgrade statevault to load it"
         )
     _check_body_checksum(data, where)
-    return _Validator(where).manifest(doc.get("body"), version)
+    from statevault.format.validator import Validator
+
+    return Validator(where).manifest(doc.get("body"), version)
+
+
+def expand_manifest(manifest: Manifest, indexes: dict[int, dict[str, Any]], where: str) -> Manifest:
+    """The format-3 ``manifest`` with the rows of the ``indexes`` read (by rank; structure
+    checked by format.indexed.check_index), validated as a version-2 body is; complete when
+    every rank's index is given."""
+    assert manifest.indexed_body is not None and manifest.indexes is not None
+    from statevault.format.validator import Validator
+
+    validator = Validator(where)
+    try:
+        body = expand(manifest.indexed_body, indexes)
+    except IndexFormatError as exc:
+        raise validator.fail(str(exc)) from None
+    complete = len(indexes) == manifest.ranks
+    expanded = validator.body(body, 3, complete, frozenset(indexes))
+    expanded.indexes = manifest.indexes
+    expanded.indexed_body = manifest.indexed_body
+    expanded.read_ranks = frozenset(indexes)
+    return expanded
 
 
 def _parse_json(data: bytes, where: str) -> Any:
@@ -239,189 +283,3 @@ def _check_body_checksum(data: bytes, where: str) -> None:
         raise CorruptCheckpointError(
             f"{where}: manifest.json checksum mismatch: the manifest was modified or damaged"
         )
-
-
-class _Validator:
-    """Type and range checks of a parsed body; raises CorruptCheckpointError naming the field."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def fail(self, detail: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{self.where}: invalid manifest: {detail}")
-
-    def get(self, obj: Any, key: str, kind: type | tuple[type, ...], ctx: str) -> Any:
-        if type(obj) is not dict:
-            raise self.fail(f"{ctx} is not an object")
-        value = obj.get(key)
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if type(value) not in kinds:
-            raise self.fail(f"{ctx}.{key} is missing or not a {kinds[0].__name__}")
-        return value
-
-    def count(self, obj: Any, key: str, ctx: str) -> int:
-        value: int = self.get(obj, key, int, ctx)
-        if value < 0:
-            raise self.fail(f"{ctx}.{key} is negative")
-        return value
-
-    def manifest(self, body: Any, version: int) -> Manifest:
-        files = [self.file(f, i) for i, f in enumerate(self.get(body, "files", list, "body"))]
-        by_name = {f.name: f for f in files}
-        if len(by_name) != len(files):
-            raise self.fail("a file is listed twice")
-        rows = self.get(body, "tensors", list, "body")
-        tensors = [self.tensor(t, i, by_name) for i, t in enumerate(rows)]
-        self.no_overlaps(tensors, by_name)
-        info = self.get(body, "info", dict, "body")
-        for key in ("tree", "metadata"):
-            if key not in body:
-                raise self.fail(f"body.{key} is missing")
-        manifest = Manifest(files, tensors, body.get("tree"), body.get("metadata"), info)
-        if version >= 2:
-            manifest.ranks = self.count(body, "ranks", "body")
-            if not 1 <= manifest.ranks <= 1 << 20:
-                raise self.fail(f"body.ranks {manifest.ranks} is out of range")
-            rows = self.get(body, "sharded", list, "body")
-            manifest.sharded = [self.sharded(r, i, tensors) for i, r in enumerate(rows)]
-        elif "sharded" in body or "ranks" in body:
-            raise self.fail("sharded tensors and per-rank state need format_version 2")
-        return manifest
-
-    def sharded(self, row: Any, index: int, tensors: list[TensorEntry]) -> ShardedEntry:
-        ctx = f"sharded[{index}]"
-        path: str = self.get(row, "path", str, ctx)
-        ctx = f"{ctx} ({path[:200]})"
-        dtype_name = self.get(row, "dtype", str, ctx)
-        framework = self.get(row, "framework", str, ctx)
-        shape = self.shape(row, dtype_name, ctx)
-        chunks = []
-        for position, chunk in enumerate(self.get(row, "chunks", list, ctx)):
-            where = f"{ctx}.chunks[{position}]"
-            tensor = self.count(chunk, "tensor", where)
-            offsets = tuple(self.get(chunk, "offsets", list, where))
-            if tensor >= len(tensors):
-                raise self.fail(f"{where}: tensor {tensor} is not listed in tensors")
-            stored = tensors[tensor]
-            if stored.dtype != dtype_name or stored.framework != framework:
-                raise self.fail(f"{where}: stored as {stored.dtype}, the tensor is {dtype_name}")
-            if any(type(o) is not int for o in offsets):
-                raise self.fail(f"{where}: offsets must be ints")
-            chunks.append(ChunkEntry(offsets, tensor))
-        boxes = [Box(c.offsets, tensors[c.tensor].shape) for c in chunks]
-        try:
-            check_chunks(shape, boxes)
-        except GeometryError as exc:
-            raise self.fail(f"{ctx}: {exc}") from None
-        attrs = self.attrs(row, dtype_name, ctx) if "attrs" in row else {}
-        return ShardedEntry(path, framework, dtype_name, shape, tuple(chunks), attrs)
-
-    def shape(self, row: Any, dtype_name: str, ctx: str) -> tuple[int, ...]:
-        if dtype_name not in dtypes.DTYPES:
-            raise self.fail(f"{ctx}: unknown dtype {dtype_name[:40]!r}")
-        shape = tuple(self.get(row, "shape", list, ctx))
-        if any(type(d) is not int or d < 0 for d in shape) or len(shape) > 64:
-            raise self.fail(f"{ctx}: shape must be at most 64 non-negative ints")
-        if math.prod(max(d, 1) for d in shape) * dtypes.lookup(dtype_name).itemsize >= 1 << 63:
-            raise self.fail(f"{ctx}: shape is too large for any array")
-        return shape
-
-    def file(self, row: Any, index: int) -> FileEntry:
-        ctx = f"files[{index}]"
-        name = self.get(row, "name", str, ctx)
-        if not is_safe_file_name(name):
-            raise self.fail(
-                f"{ctx}.name {name[:80]!r} is not a plain file name inside the checkpoint"
-            )
-        entry = FileEntry(
-            name=name,
-            size=self.count(row, "size", ctx),
-            header_size=self.count(row, "header_size", ctx),
-            header_checksum=self.checksum(row, "header_checksum", ctx),
-        )
-        if not 8 <= entry.header_size <= entry.size:
-            raise self.fail(f"{ctx}: header size {entry.header_size} outside the file")
-        return entry
-
-    def checksum(self, row: Any, key: str, ctx: str) -> str:
-        text: str = self.get(row, key, str, ctx)
-        try:
-            parse_checksum(text)
-        except ValueError as exc:
-            raise self.fail(f"{ctx}.{key}: {exc}") from None
-        return text
-
-    def tensor(self, row: Any, index: int, files: dict[str, FileEntry]) -> TensorEntry:
-        quick = tensor_entry_or_none(row, files, BLOCK_BYTES)  # the common case, no error text
-        if quick is not None:
-            return quick
-        return self.tensor_checked(row, index, files)
-
-    def tensor_checked(self, row: Any, index: int, files: dict[str, FileEntry]) -> TensorEntry:
-        """The tensor rule, step by step: raises naming the first field that is wrong."""
-        ctx = f"tensors[{index}]"
-        path: str = self.get(row, "path", str, ctx)
-        ctx = f"{ctx} ({path[:200]})"
-        dtype_name = self.get(row, "dtype", str, ctx)
-        shape = self.shape(row, dtype_name, ctx)
-        file_name = self.get(row, "file", str, ctx)
-        if file_name not in files:
-            raise self.fail(f"{ctx}: file {file_name[:80]!r} is not listed in files")
-        entry = TensorEntry(
-            path=path,
-            framework=self.get(row, "framework", str, ctx),
-            dtype=dtype_name,
-            shape=shape,
-            file=file_name,
-            offset=self.count(row, "offset", ctx),
-            nbytes=self.count(row, "nbytes", ctx),
-            checksum=self.checksum(row, "checksum", ctx),
-            attrs=self.attrs(row, dtype_name, ctx),
-            blocks=self.blocks(row, ctx),
-            hash=self.content_hash(row, ctx),
-        )
-        expected = math.prod(shape) * dtypes.lookup(dtype_name).itemsize
-        if expected != entry.nbytes:
-            raise self.fail(
-                f"{ctx}: {entry.nbytes} bytes do not match dtype {dtype_name} "
-                f"and shape {list(shape)} ({expected} bytes)"
-            )
-        if entry.blocks and len(entry.blocks) != entry.block_count() - 1:
-            raise self.fail(
-                f"{ctx}: {len(entry.blocks)} block checksums for {entry.block_count()} blocks"
-            )
-        file = files[file_name]
-        if entry.offset < file.header_size or entry.offset + entry.nbytes > file.size:
-            raise self.fail(f"{ctx}: byte range lies outside {file_name}")
-        return entry
-
-    def content_hash(self, row: dict[str, Any], ctx: str) -> str | None:
-        if "hash" not in row:
-            return None
-        text: str = self.get(row, "hash", str, ctx)
-        if CONTENT_HASH_PATTERN.fullmatch(text) is None:
-            raise self.fail(f"{ctx}.hash is not an xxh3_128 content hash")
-        return text
-
-    def blocks(self, row: dict[str, Any], ctx: str) -> tuple[str, ...]:
-        if "blocks" not in row:
-            return ()
-        items = self.get(row, "blocks", list, ctx)
-        return tuple(self.checksum({"b": item}, "b", f"{ctx}.blocks") for item in items)
-
-    def attrs(self, row: dict[str, Any], dtype_name: str, ctx: str) -> dict[str, Any]:
-        attrs = self.get(row, "attrs", dict, ctx) if "attrs" in row else {}
-        for key in ("parameter", "requires_grad"):
-            if type(attrs.get(key, False)) is not bool:
-                raise self.fail(f"{ctx}.attrs.{key} is not a bool")
-        if attrs.get("requires_grad") and not dtype_name.startswith(GRAD_DTYPE_PREFIXES):
-            raise self.fail(f"{ctx}: a {dtype_name} tensor cannot require gradients")
-        return attrs
-
-    def no_overlaps(self, tensors: list[TensorEntry], files: dict[str, FileEntry]) -> None:
-        ranges = sorted(
-            (t.file, t.offset, t.offset + t.nbytes, t.path) for t in tensors if t.nbytes
-        )
-        for before, after in itertools.pairwise(ranges):
-            if before[0] == after[0] and after[1] < before[2]:
-                raise self.fail(f"tensors {before[3]} and {after[3]} overlap in {before[0]}")

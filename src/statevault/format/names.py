@@ -35,8 +35,8 @@ def marker_name(tag: str = "") -> str:
 
 
 _WRITTEN_SHARD = re.compile(
-    r"^(data-r\d{5}-\d{5}(-[0-9a-f]{8})?\.safetensors|part-r\d{5}(-[0-9a-f]{8})?\.json"
-    r"|\.statevault-save(-[0-9a-f]{8})?)$"
+    r"^(data-r\d{5}-\d{5}(-[0-9a-f]{8})?\.safetensors|(part|index)-r\d{5}(-[0-9a-f]{8})?\.json"
+    r"|indexes(-[0-9a-f]{8})?\.tbl|\.statevault-save(-[0-9a-f]{8})?)$"
 )
 _MARKER = re.compile(r"^\.statevault-save(-[0-9a-f]{8})?$")
 _PART = re.compile(r"^part-r(\d{5})(-[0-9a-f]{8})?\.json$")
@@ -44,7 +44,7 @@ _PART = re.compile(r"^part-r(\d{5})(-[0-9a-f]{8})?\.json$")
 
 def is_shard_name(name: str) -> bool:
     """Whether ``name`` is an object a save writes: a shard (see :func:`shard_name`), a part,
-    or the save's marker."""
+    a rank's index and the index table (format/indexed.py), or the save's marker."""
     return _WRITTEN_SHARD.fullmatch(name) is not None
 
 

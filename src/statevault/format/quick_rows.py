@@ -3,7 +3,7 @@
 A load validates every row of the manifest before it uses any of them, and a checkpoint of a
 transformer holds hundreds to hundreds of thousands of rows, so the per-row cost is paid on
 every load. :func:`tensor_entry_or_none` makes exactly the checks of the manifest validator's
-tensor rule (``manifest._Validator.tensor``) with no error text built along the way, and returns
+tensor rule (``validator.Validator.tensor``) with no error text built along the way, and returns
 ``None`` on the first failure; the caller then runs the full validator, which names the problem.
 The two must accept the same rows: ``tests/test_quick_rows.py`` checks that on generated rows,
 valid and damaged, against the validator.

@@ -94,7 +94,7 @@ def read_record(where: str | Location, step: int) -> CheckpointRecord:
         where = where.path
     path = where.url if isinstance(where, Location) else where
     try:
-        manifest = open_checkpoint(where).manifest
+        manifest = open_checkpoint(where, ranks=()).manifest  # no per-rank index: not needed
     except CheckpointNotFoundError:  # no manifest, or deleted between the listing and now
         return _unlisted(where, step, "no manifest.json")
     except CheckpointError as exc:

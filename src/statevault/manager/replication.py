@@ -43,6 +43,7 @@ from statevault.errors import (
     CorruptCheckpointError,
     StorageError,
 )
+from statevault.format.indexed import metadata_names
 from statevault.format.manifest import FileEntry, Manifest
 from statevault.format.names import MANIFEST_NAME, is_shard_name, marker_name
 from statevault.manager.index import CheckpointRecord, RunScan, read_record, scan_run
@@ -96,7 +97,11 @@ def copy_checkpoint(
         )
     if target.storage.exists(target.join(MANIFEST_NAME).path):
         return False
-    _clear_dead_copy(target, {entry.name for entry in checkpoint.manifest.files})
+    _clear_dead_copy(
+        target,
+        {entry.name for entry in checkpoint.manifest.files}
+        | set(metadata_names(checkpoint.manifest)),
+    )
     # A local replica (a shared filesystem) commits by rename like any local save; an object
     # store by writing the manifest last. Either way the marker goes first.
     if target.local:
@@ -110,7 +115,14 @@ def copy_checkpoint(
     known = blobs if blobs is not None else {}
     try:
         _copy_files(
-            source, checkpoint.manifest.files, written, part_bytes, cancel or Cancel(), keys, known
+            source,
+            checkpoint.manifest.files,
+            written,
+            part_bytes,
+            cancel or Cancel(),
+            keys,
+            known,
+            metadata_names(checkpoint.manifest),
         )
         if target.local:
             commit.publish(written.path, target.path, overwrite=False)
@@ -155,9 +167,11 @@ def _copy_files(
     cancel: Cancel,
     keys: dict[str, BlobKey],
     known: dict[BlobKey, Location],
+    metadata: list[str],
 ) -> None:
-    """Every shard (server-side from the replica itself where it holds the same bytes), then
-    the annotations, then the manifest (the object-store commit)."""
+    """Every shard (server-side from the replica itself where it holds the same bytes), the
+    per-rank indexes and their table, then the annotations, then the manifest (the
+    object-store commit)."""
     for entry in files:
         there = known.get(keys[entry.name]) if entry.name in keys else None
         if there is not None and written.storage.exists(there.path):
@@ -166,6 +180,13 @@ def _copy_files(
         retrying(
             lambda e=entry: _copy_file(  # type: ignore[misc]
                 os.path.join(source, e.name), written.join(e.name), e.size, part_bytes, cancel
+            )
+        )
+    for name in metadata:  # format 3: the index table and every rank's index
+        size = os.path.getsize(os.path.join(source, name))
+        retrying(
+            lambda n=name, z=size: _copy_file(  # type: ignore[misc]
+                os.path.join(source, n), written.join(n), z, part_bytes, cancel
             )
         )
     cancel.check()
