@@ -13,6 +13,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -346,8 +347,9 @@ def per_rank_into(rank: int, world: int, path: str) -> int:
     return fresh.batch
 
 
-def format2_fixture(rank: int, world: int, path: str) -> None:
-    """A small format-2 checkpoint: a DTensor in two chunks, per-rank state, a plain tensor."""
+def small_sharded_fixture(rank: int, world: int, path: str) -> None:
+    """A small sharded checkpoint: a DTensor in two chunks, per-rank state, a plain tensor
+    (format 3 from a world of 2; tests/golden/v2 is the same state written in format 2)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -355,6 +357,16 @@ def format2_fixture(rank: int, world: int, path: str) -> None:
     torch.manual_seed(3)
     w = distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)])
     sv.save({"w": w, "pos": sv.PerRank({"i": rank}), "c": torch.arange(5.0)}, path)
+
+
+def check_small_sharded(path: Any) -> None:
+    """What one process loads and verifies from :func:`small_sharded_fixture`'s checkpoint."""
+    with pytest.warns(UserWarning, match="saved by 2 processes"):
+        state = sv.load(path)
+    torch.manual_seed(3)
+    assert torch.equal(state["w"], torch.randn(6, 4))
+    assert state["pos"] == {"i": 0} and torch.equal(state["c"], torch.arange(5.0))
+    assert sv.verify(path).ok
 
 
 def s3_save_and_reshard(

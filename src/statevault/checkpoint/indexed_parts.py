@@ -17,11 +17,17 @@ from dataclasses import asdict
 from typing import Any
 
 from statevault.checkpoint.job import SaveJob
-from statevault.checkpoint.parts import Part, gathered_rows, per_rank_locals, shared_ids
+from statevault.checkpoint.parts import (
+    Part,
+    check_pieces_tile,
+    gathered_rows,
+    per_rank_locals,
+    shared_ids,
+)
 from statevault.engine.plan import SavePlan
 from statevault.errors import DistributedSaveError
 from statevault.format.checksum import crc32c_of
-from statevault.format.geometry import Box, GeometryError, check_chunks
+from statevault.format.geometry import Box
 from statevault.format.indexed import encode_index, encode_table, table_entry
 from statevault.format.manifest import Manifest, ShardedEntry, tensor_row_json
 from statevault.format.rules import REPLICATE, ShardRule
@@ -130,13 +136,7 @@ def _sharded_row(plan: SavePlan, leaf_index: int, parts: list[Part], where: str)
             for p in parts
             if leaf_index in p.chunks
         ]
-        try:
-            check_chunks(shape, boxes)
-        except GeometryError as exc:
-            raise DistributedSaveError(
-                f"{where}: the pieces of {leaf.path} saved by the ranks do not tile its shape "
-                f"{list(shape)}: {exc}"
-            ) from None
+        check_pieces_tile(leaf.path, shape, boxes, where)
     framework = leaf.adapter.framework
     attrs = dict(leaf.shard.attrs)
     return ShardedEntry(leaf.path, framework, leaf.spec.dtype, shape, (), attrs, rule)

@@ -153,6 +153,17 @@ def gathered_rows(
     return files, tensors, row_id
 
 
+def check_pieces_tile(path: str, shape: tuple[int, ...], boxes: list[Box], where: str) -> None:
+    """The pieces of a sharded tensor the ranks saved must tile its global shape."""
+    try:
+        check_chunks(shape, boxes)
+    except GeometryError as exc:
+        raise DistributedSaveError(
+            f"{where}: the pieces of {path} saved by the ranks do not tile its shape "
+            f"{list(shape)}: {exc}"
+        ) from None
+
+
 def shared_ids(
     plan: SavePlan, parts: list[Part], row_id: dict[tuple[int, int], int], where: str
 ) -> dict[int, int]:
@@ -193,14 +204,9 @@ def _sharded_entries(
             if leaf_index in p.chunks
         ]
         shape = leaf.shard.global_shape
-        boxes = [Box(c.offsets, tensors[c.tensor].shape) for c in chunks]
-        try:
-            check_chunks(shape, boxes)
-        except GeometryError as exc:
-            raise DistributedSaveError(
-                f"{where}: the pieces of {leaf.path} saved by the ranks do not tile its shape "
-                f"{list(shape)}: {exc}"
-            ) from None
+        check_pieces_tile(
+            leaf.path, shape, [Box(c.offsets, tensors[c.tensor].shape) for c in chunks], where
+        )
         ids[leaf_index] = len(entries)
         entries.append(
             ShardedEntry(

@@ -165,9 +165,11 @@ class Validator:
         self, rule: ShardRule, holders: set[int], read_ranks: frozenset[int], ctx: str
     ) -> None:
         """Every rank whose index was read lists the piece the rule says it wrote: a load that
-        read only some indexes relies on it (a missing piece would leave a hole)."""
-        for coordinate, rank in rule.written():
-            if rank in read_ranks and rank not in holders:
+        read only some indexes relies on it (a missing piece would leave a hole). Visits the
+        ranks read, not the mesh: a rank restoring its own piece reads one index of 65,536."""
+        for rank in sorted(read_ranks - holders):
+            coordinate = rule.coordinate_of(rank)
+            if coordinate is not None and rule.writes(coordinate):
                 raise self.fail(f"{ctx}: rank {rank} does not list the piece at {coordinate}")
 
     def rule(
