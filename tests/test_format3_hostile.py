@@ -337,3 +337,25 @@ def test_checking_the_pieces_a_partial_read_owes_visits_the_ranks_read_not_the_m
         check(rule, {5}, frozenset({5, 7}), "sharded[0]")
     replicated = ShardRule((2, world // 2), (("replicate", 1), ("shard", 0)), 0, None)
     check(replicated, set(), frozenset({3}), "sharded[1]")  # rank 3 holds no written piece
+
+
+def test_a_refused_open_closes_its_directory_once(ck: Path, tmp_path: Path) -> None:
+    """An open refused while reading the indexes closed its directory descriptor and then its
+    half-built OpenCheckpoint closed the same number again when collected: by then the number
+    named whatever the program opened next."""
+    import gc
+
+    from statevault.checkpoint import open_checkpoint
+
+    rewrite_index(ck, 1, lambda d: d["chunks"].clear())
+    with pytest.raises(sv.CorruptCheckpointError) as refusal:
+        open_checkpoint(ck, ranks=[1])
+    other = tmp_path / "other"
+    other.write_bytes(b"x")
+    fd = os.open(other, os.O_RDONLY)  # the lowest free number: the directory's, just freed
+    try:
+        del refusal
+        gc.collect()
+        assert os.read(fd, 1) == b"x"  # still open: nothing closed it behind the program's back
+    finally:
+        os.close(fd)

@@ -126,22 +126,32 @@ def open_checkpoint(
             return opened
     for attempt in range(1, READ_ATTEMPTS + 1):
         dir_fd = _open_directory(location.path)
+        # One owner closes the descriptor: this function until the OpenCheckpoint exists, then
+        # the object (closing it here as well would close a number another open may reuse).
+        checkpoint: OpenCheckpoint | None = None
         try:
             data = _local_manifest_bytes(dir_fd, location.path)
             manifest = parse_manifest(data, location.path)
-            opened = OpenCheckpoint(location, manifest, dir_fd, crc32c_of(data))
-            opened.read_ranks(ranks)
+            checkpoint = OpenCheckpoint(location, manifest, dir_fd, crc32c_of(data))
+            checkpoint.read_ranks(ranks)
         except (CheckpointNotFoundError, CorruptCheckpointError):
             replaced = _replaced(dir_fd, location.path)
-            os.close(dir_fd)
+            _release(checkpoint, dir_fd)
             if attempt == READ_ATTEMPTS or not replaced:
                 raise
             continue  # the directory opened was swapped out and is being deleted: try again
         except BaseException:
-            os.close(dir_fd)
+            _release(checkpoint, dir_fd)
             raise
-        return opened
+        return checkpoint
     raise AssertionError("unreachable")
+
+
+def _release(opened: OpenCheckpoint | None, dir_fd: int) -> None:
+    if opened is not None:
+        opened.close()
+    else:
+        os.close(dir_fd)
 
 
 def _replaced(dir_fd: int, path: str) -> bool:
