@@ -12,7 +12,7 @@ own piece against the rule when it planned).
 
 from __future__ import annotations
 
-import copy
+import itertools
 from dataclasses import asdict
 from typing import Any
 
@@ -21,6 +21,7 @@ from statevault.checkpoint.parts import (
     Part,
     check_pieces_tile,
     gathered_rows,
+    map_refs,
     per_rank_locals,
     shared_ids,
 )
@@ -85,16 +86,7 @@ def indexed_part(job: SaveJob) -> tuple[Part, bytes]:
 def _local_refs(node: Any, local: dict[int, int], numbers: dict[int, int]) -> Any:
     """A per-rank subtree with its leaf numbers made ids of the index (sharded: of the
     manifest's ``sharded`` rows)."""
-    if type(node) is list:
-        return [_local_refs(v, local, numbers) for v in node]
-    if type(node) is not dict:
-        return node
-    tag = node.get("$")
-    if tag == "tensor":
-        return {"$": "tensor", "id": local[node["id"]]}
-    if tag == "sharded":
-        return {"$": "sharded", "id": numbers[node["id"]]}
-    return {k: _local_refs(v, local, numbers) for k, v in node.items()}
+    return map_refs(node, local.__getitem__, numbers.__getitem__)
 
 
 def merge_indexed(
@@ -105,7 +97,7 @@ def merge_indexed(
     shared = shared_ids(plan, parts, row_id, where)
     numbers = sharded_numbers(plan)
     sharded = [_sharded_row(plan, leaf, parts, where) for leaf in numbers]
-    tree = _main_tree(copy.deepcopy(plan.tree), shared, numbers, [0])
+    tree = _main_tree(plan.tree, shared, numbers)
     missing = [p.rank for p in parts if p.index is None]
     if missing:
         raise DistributedSaveError(f"{where}: ranks {missing[:8]} reported no index", missing)
@@ -142,18 +134,12 @@ def _sharded_row(plan: SavePlan, leaf_index: int, parts: list[Part], where: str)
     return ShardedEntry(leaf.path, framework, leaf.spec.dtype, shape, (), attrs, rule)
 
 
-def _main_tree(node: Any, shared: dict[int, int], numbers: dict[int, int], slots: list[int]) -> Any:
+def _main_tree(node: Any, shared: dict[int, int], numbers: dict[int, int]) -> Any:
     """The plan's tree with manifest ids, per-rank placeholders numbered as slots."""
-    if type(node) is list:
-        return [_main_tree(v, shared, numbers, slots) for v in node]
-    if type(node) is not dict:
-        return node
-    tag = node.get("$")
-    if tag == "tensor":
-        return {"$": "tensor", "id": shared[node["id"]]}
-    if tag == "sharded":
-        return {"$": "sharded", "id": numbers[node["id"]]}
-    if tag == "per_rank" and "local" in node:
-        slots[0] += 1
-        return {"$": "per_rank", "slot": slots[0] - 1}
-    return {k: _main_tree(v, shared, numbers, slots) for k, v in node.items()}
+    slots = itertools.count()
+    return map_refs(
+        node,
+        shared.__getitem__,
+        numbers.__getitem__,
+        lambda: {"$": "per_rank", "slot": next(slots)},
+    )

@@ -11,9 +11,10 @@ writes the manifest. Parts are read as untrusted JSON: a malformed one fails the
 
 from __future__ import annotations
 
-import copy
+import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -131,10 +132,7 @@ def merge(plan: SavePlan, parts: list[Part], where: str) -> Manifest:
     shared_id = shared_ids(plan, parts, row_id, where)
     sharded, sharded_id = _sharded_entries(plan, parts, tensors, row_id, where)
 
-    def rewrite(node: Any, rank: int) -> Any:
-        return _rewrite(node, rank, plan.shared_count, shared_id, sharded_id, row_id, parts)
-
-    tree = rewrite(copy.deepcopy(plan.tree), 0)
+    tree = _rewrite(plan.tree, 0, plan.shared_count, shared_id, sharded_id, row_id, parts)
     return Manifest(files, tensors, tree, plan.metadata, sharded=sharded, ranks=len(parts))
 
 
@@ -221,6 +219,33 @@ def _sharded_entries(
     return entries, ids
 
 
+def map_refs(
+    node: Any,
+    tensor: Callable[[int], int],
+    sharded: Callable[[int], int],
+    per_rank: Callable[[], Any] | None = None,
+) -> Any:
+    """A plan tree rebuilt with each ``tensor`` and ``sharded`` reference's leaf number mapped
+    to its id, and each per-rank placeholder (in tree order) replaced by what ``per_rank``
+    returns (walked through like any node when None)."""
+
+    def walk(value: Any) -> Any:
+        if type(value) is list:
+            return [walk(v) for v in value]
+        if type(value) is not dict:
+            return value
+        tag = value.get("$")
+        if tag == "tensor":
+            return {"$": "tensor", "id": tensor(value["id"])}
+        if tag == "sharded":
+            return {"$": "sharded", "id": sharded(value["id"])}
+        if tag == "per_rank" and "local" in value and per_rank is not None:
+            return per_rank()
+        return {k: walk(v) for k, v in value.items()}
+
+    return walk(node)
+
+
 def _rewrite(
     node: Any,
     rank: int,
@@ -230,35 +255,26 @@ def _rewrite(
     row_id: dict[tuple[int, int], int],
     parts: list[Part],
 ) -> Any:
-    """Replace leaf numbers by manifest ids, and per-rank placeholders by every rank's branch."""
+    """Replace leaf numbers by manifest ids, and per-rank placeholders by every rank's branch
+    (its leaves are rows of the rank that owns the branch)."""
+    slots = itertools.count()
 
-    def walk(value: Any, owner: int, slots: list[int]) -> Any:
-        if type(value) is list:
-            return [walk(v, owner, slots) for v in value]
-        if type(value) is not dict:
-            return value
-        tag = value.get("$")
-        if tag == "tensor":
-            leaf = value["id"]
-            return {
-                "$": "tensor",
-                "id": shared_id[leaf] if leaf < shared_count else row_id[(owner, leaf)],
-            }
-        if tag == "sharded":
-            return {"$": "sharded", "id": sharded_id[value["id"]]}
-        if tag == "per_rank" and "local" in value:
-            slot = slots[0]
-            slots[0] += 1
-            branches = []
-            for part in parts:
-                local = part.per_rank[slot] if slot < len(part.per_rank) else None
-                if local is None:
-                    raise DistributedSaveError(f"rank {part.rank} sent no per-rank state {slot}")
-                branches.append(walk(local, part.rank, [0]))
-            return {"$": "per_rank", "ranks": branches}
-        return {k: walk(v, owner, slots) for k, v in value.items()}
+    def tensor(leaf: int) -> int:
+        return shared_id[leaf] if leaf < shared_count else row_id[(rank, leaf)]
 
-    return walk(node, rank, [0])
+    def every_rank() -> dict[str, Any]:
+        slot = next(slots)
+        branches = []
+        for part in parts:
+            local = part.per_rank[slot] if slot < len(part.per_rank) else None
+            if local is None:
+                raise DistributedSaveError(f"rank {part.rank} sent no per-rank state {slot}")
+            branches.append(
+                _rewrite(local, part.rank, shared_count, shared_id, sharded_id, row_id, parts)
+            )
+        return {"$": "per_rank", "ranks": branches}
+
+    return map_refs(node, tensor, sharded_id.__getitem__, every_rank)
 
 
 # ---- the parts on the storage ------------------------------------------------------------
