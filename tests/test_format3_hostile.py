@@ -113,6 +113,17 @@ INDEX_CASES: dict[str, tuple[int, Callable[[dict[str, Any]], Any], str]] = {
         lambda d: d["tensors"][0].update(file="data-r00009-00000.safetensors"),
         "neither it nor the manifest lists",
     ),
+    # JSON that is no name (found by the fuzz below: a list was hashed as a name)
+    "a row's file that is a list": (
+        0,
+        lambda d: d["tensors"][0].update(file=[]),
+        "neither it nor the manifest lists",
+    ),
+    "a file name that is a list": (
+        1,
+        lambda d: d["files"][0].update(name=[]),
+        "neither it nor the manifest lists",
+    ),
 }
 
 

@@ -141,7 +141,7 @@ def expand(body: Mapping[str, Any], indexes: Mapping[int, dict[str, Any]]) -> di
     sharded = [dict(row, chunks=list(row["chunks"])) for row in body["sharded"]]
     if any("rule" in row and row["chunks"] for row in sharded):
         raise IndexFormatError("a tensor described by a rule lists chunks in the manifest")
-    shared_files = {row.get("name") for row in files if type(row) is dict}
+    shared_files = _file_names(files)
     bases: dict[int, int] = {}
     for rank in sorted(indexes):
         index = indexes[rank]
@@ -178,13 +178,19 @@ def expand(body: Mapping[str, Any], indexes: Mapping[int, dict[str, Any]]) -> di
     return expanded
 
 
-def _rows_name_own_files(index: dict[str, Any], rank: int, shared: set[Any]) -> None:
+def _file_names(rows: list[Any]) -> set[str]:
+    """The names of file rows (a forged name that is no string names no file: the validator
+    refuses the row itself)."""
+    return {row["name"] for row in rows if type(row) is dict and type(row.get("name")) is str}
+
+
+def _rows_name_own_files(index: dict[str, Any], rank: int, shared: set[str]) -> None:
     """An index's rows lie in the manifest's files or its own, never another rank's (which a
     reader may not have read)."""
-    own = {row.get("name") for row in index["files"] if type(row) is dict}
+    own = _file_names(index["files"])
     for position, row in enumerate(index["tensors"]):
         name = row.get("file") if type(row) is dict else None
-        if name not in own and name not in shared:
+        if type(name) is not str or (name not in own and name not in shared):
             raise IndexFormatError(
                 f"index of rank {rank}: tensors[{position}] lies in {str(name)[:80]!r}, a file "
                 "neither it nor the manifest lists"
