@@ -121,7 +121,10 @@ def _wait_for(case: Case, text: str, timeout: float, stream: str = "out") -> boo
 def _signal(case: Case) -> None:
     """Send the case's signal(s) once a save is in flight on every rank."""
     if not _wait_for(case, "READY", 90.0):
-        raise AssertionError("the job never reached its loop")
+        polls = [p.poll() for p in case.ranks]
+        raise AssertionError(
+            f"the job never reached its loop (exit codes {polls}): {case.describe()}"
+        )
     time.sleep(0.2)  # into the save in flight
     number = {
         "sigterm": signal.SIGTERM,
