@@ -5,20 +5,32 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import shutil
 import socket
+import tempfile
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 
 def free_port() -> int:
+    """A port free now, for tools that rendezvous only over TCP (accelerate launch). Another
+    process may take it before it is bound: where torch can meet through a file, prefer
+    ``rendezvous_file``."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
+def rendezvous_file() -> str:
+    """A fresh path for torch's FileStore: ranks meet through it with no port to race for
+    (a port picked free and bound later can be taken by any client's source port meanwhile,
+    and tests run side by side)."""
+    return os.path.join(tempfile.mkdtemp(prefix="sv-rdzv-"), "store")
+
+
 def _entry(
-    fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple[Any, ...], queue: Any
+    fn: Callable[..., Any], rank: int, world: int, store: str, args: tuple[Any, ...], queue: Any
 ) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -26,9 +38,7 @@ def _entry(
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-        )
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
         result = fn(rank, world, *args)
         queue.put((rank, "ok", result))
     except BaseException:
@@ -54,9 +64,9 @@ def run_ranks(
     os.environ.update(env or {})  # spawned children inherit it
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = free_port()
+    store = rendezvous_file()
     processes = [
-        context.Process(target=_entry, args=(fn, rank, world, port, args, queue), daemon=True)
+        context.Process(target=_entry, args=(fn, rank, world, store, args, queue), daemon=True)
         for rank in range(world)
     ]
     try:
@@ -80,6 +90,7 @@ def run_ranks(
         process.join(timeout=10)
         if process.is_alive():
             process.kill()
+    shutil.rmtree(os.path.dirname(store), ignore_errors=True)
     failures = {r: v for r, (s, v) in results.items() if s != "ok"}
     missing = sorted(set(range(world)) - set(results) - set(may_die))
     if failures or missing:

@@ -3,11 +3,11 @@
     python tests/exit_child.py ENTRY STORE ENDING ROOT [LOCAL_DIR]
 
 ENTRY: ``save`` (sv.save), ``load`` (sv.load), ``sync`` / ``async`` (a CheckpointManager),
-``tiers`` (a local run replicated to ROOT), ``dist`` (a 2-rank gloo job; RANK, WORLD_SIZE,
-MASTER_ADDR and MASTER_PORT in the environment). STORE: ``local``, ``s3`` (storage options as
-JSON in ``$EXIT_S3_OPTIONS``) or ``memory``. ENDING: ``normal`` (the script ends without
-``close()``), ``exception``, ``exit`` (``sys.exit(3)``), or ``signal``: the job trains until
-the test signals it (SIGTERM, SIGINT, SIGKILL).
+``tiers`` (a local run replicated to ROOT), ``dist`` (a 2-rank gloo job; RANK, WORLD_SIZE and
+EXIT_RENDEZVOUS, the path of torch's FileStore, in the environment). STORE: ``local``, ``s3``
+(storage options as JSON in ``$EXIT_S3_OPTIONS``) or ``memory``. ENDING: ``normal`` (the
+script ends without ``close()``), ``exception``, ``exit`` (``sys.exit(3)``), or ``signal``: the
+job trains until the test signals it (SIGTERM, SIGINT, SIGKILL).
 
 From step 2 on, every write of a shard file sleeps ``$EXIT_SLOW_S`` seconds first, so that a
 save is in flight long enough to be interrupted. Lines on stdout (written with os.write:
@@ -149,7 +149,12 @@ def main() -> None:
     if entry == "dist":
         import torch.distributed as dist
 
-        dist.init_process_group("gloo")
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{os.environ['EXIT_RENDEZVOUS']}",
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
     slow_down_writes()
     if entry == "save":
         run_save(root, store, ending)

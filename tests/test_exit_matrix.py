@@ -35,7 +35,6 @@ import pytest
 import statevault as sv
 from statevault.manager.index import scan_run
 from statevault.storage.location import resolve
-from tests.dist_helpers import free_port
 from tests.manager_helpers import child_env
 
 CHILD = Path(__file__).with_name("exit_child.py")
@@ -86,16 +85,11 @@ def _start(case: Case, s3_options: dict[str, Any] | None) -> None:
         env["EXIT_S3_OPTIONS"] = json.dumps(s3_options)
     ending = "signal" if case.ending.startswith("sig") else case.ending
     world = 2 if case.entry == "dist" else 1
-    port = free_port()
+    store = case.workdir / "rendezvous"  # a file, not a port: nothing else can take it
     for rank in range(world):
         rank_env = dict(env)
         if world > 1:
-            rank_env.update(
-                RANK=str(rank),
-                WORLD_SIZE=str(world),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-            )
+            rank_env.update(RANK=str(rank), WORLD_SIZE=str(world), EXIT_RENDEZVOUS=str(store))
         args = [sys.executable, str(CHILD), case.entry, case.store, ending, case.root]
         with (
             open(case.workdir / f"out{rank}", "wb") as out,
