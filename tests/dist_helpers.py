@@ -6,26 +6,15 @@ import contextlib
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 
-def free_port() -> int:
-    """A port free now, for tools that rendezvous only over TCP (accelerate launch). Another
-    process may take it before it is bound: where torch can meet through a file, prefer
-    ``rendezvous_file``."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def rendezvous_file() -> str:
-    """A fresh path for torch's FileStore: ranks meet through it with no port to race for
-    (a port picked free and bound later can be taken by any client's source port meanwhile,
-    and tests run side by side)."""
+    """A fresh path for torch's FileStore: ranks meet through it with no port to race for (a
+    port picked free and bound later can be taken by any client's source port meanwhile)."""
     return os.path.join(tempfile.mkdtemp(prefix="sv-rdzv-"), "store")
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import statevault as sv
-from tests.dist_helpers import free_port
 from tests.test_lightning import ROOT, assert_no_pickle
 
 STEPS_PER_EPOCH = 8  # 64 samples, batches of 4 on each of 2 ranks
@@ -40,7 +39,7 @@ def test_save_and_load_state_on_two_processes(tmp_path: Path) -> None:
         "-m",
         "torch.distributed.run",
         "--nproc-per-node=2",
-        f"--master-port={free_port()}",
+        "--standalone",  # the launcher binds its own store on a port it keeps: no port to race for
         "-m",
         "tests.test_accelerate",
         str(tmp_path),
