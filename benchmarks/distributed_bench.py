@@ -66,16 +66,16 @@ from statevault.adapters import ArrayAdapter, adapter_named
 from statevault.adapters.base import ShardInfo
 from statevault.checkpoint.agree import Proposal, plan_digest
 from statevault.checkpoint.indexed_parts import indexed_part, merge_indexed, sharded_numbers
-from statevault.checkpoint.indexes import _strict_json  # what a loading rank parses with
+from statevault.checkpoint.indexes import strict_json  # what a loading rank parses with
 from statevault.checkpoint.job import SaveJob
 from statevault.checkpoint.parts import Part, part_from_json
 from statevault.checkpoint.save import Saver  # private parts: what a rank does, timed one by one
-from statevault.engine.assignment import deal_replicated, leaves_to_write
+from statevault.engine.assignment import deal_replicated, is_replicated, leaves_to_write
 from statevault.engine.plan import Leaf, SavePlan
 from statevault.format import tree
 from statevault.format.checksum import crc32c_of, format_checksum
 from statevault.format.geometry import Box
-from statevault.format.indexed import check_index, decode_table
+from statevault.format.indexed import TABLE_RECORD, check_index, decode_table
 from statevault.format.manifest import (
     BLOCK_BYTES,
     FileEntry,
@@ -261,11 +261,7 @@ def simulated_write(plan: SavePlan, files: list[list[int]], rank: int) -> SaveJo
 
 def replicated_holders(plan: SavePlan, world: int) -> set[int]:
     """The ranks dealt a replicated leaf (their parts carry rows for the manifest)."""
-    sizes = [
-        leaf.spec.nbytes
-        for leaf in plan.leaves[: plan.shared_count]
-        if leaf.shard is None and not leaf.per_rank
-    ]
+    sizes = [plan.leaves[i].spec.nbytes for i in range(plan.shared_count) if is_replicated(plan, i)]
     return set(deal_replicated(sizes, world))
 
 
@@ -457,7 +453,8 @@ def plan_world(
     t4 = time.perf_counter()
     assert manifest.indexes is not None
     for rank, record in records.items():  # the table commits what the planned ranks wrote
-        assert decode_table(table[rank * 12 : rank * 12 + 12], 1)[0] == record
+        record_bytes = table[rank * TABLE_RECORD.size : (rank + 1) * TABLE_RECORD.size]
+        assert decode_table(record_bytes, 1)[0] == record
     result.update(
         {
             "coordinator_s": {
@@ -493,7 +490,7 @@ def plan_world(
         t2 = time.perf_counter()
         size, crc = table_records[rank]
         assert size == len(index) and crc32c_of(index) == crc
-        doc = check_index(_strict_json(index), rank)
+        doc = check_index(strict_json(index), rank)
         t3 = time.perf_counter()
         needed = {rank}  # its per-rank state
         for number, box in own_boxes[rank]:

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import statevault as sv
-from statevault.format.indexed import encode_table, index_name
+from statevault.format.checksum import crc32c_of
+from statevault.format.indexed import encode_table, index_name, table_entry
 from tests import dist_workloads as work
 from tests.dist_helpers import run_ranks
 from tests.hostile_helpers import attempt, flip_bit, read_body, refused, write_body
@@ -50,12 +51,9 @@ def reseal(ck: Path, body: dict[str, Any] | None = None) -> None:
     """The table recomputed from the index files as they are, the manifest from the table."""
     body = read_body(ck) if body is None else body
     indexes = [(ck / index_name(rank)).read_bytes() for rank in range(body["ranks"])]
-    table = encode_table(indexes)
+    table = encode_table((len(data), crc32c_of(data)) for data in indexes)
     (ck / body["indexes"]["name"]).write_bytes(table)
-    from statevault.format.checksum import crc32c_of, format_checksum
-
-    body["indexes"]["size"] = len(table)
-    body["indexes"]["checksum"] = format_checksum(crc32c_of(table))
+    body["indexes"] = table_entry(body["indexes"]["name"], table).to_json()
     write_body(ck, body)
 
 

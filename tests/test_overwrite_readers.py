@@ -79,11 +79,11 @@ def test_a_manifest_deleted_between_its_stat_and_its_open_is_read_again(
     """The narrowest window of the race above, made certain: the overwrite swaps the directory
     and deletes the old manifest after the reader found it but before it opened it. The reader
     must read the new checkpoint, not report corruption."""
-    from statevault.checkpoint import open as opening
+    from statevault.storage import local
 
     path = tmp_path / "ckpt"
     sv.save({"i": 1}, path)
-    real_open_read = opening.open_read
+    real_open_read = local.open_read
     overwrites: list[int] = []
 
     def overwrite_first(name: str, dir_fd: int | None = None) -> int:
@@ -92,6 +92,6 @@ def test_a_manifest_deleted_between_its_stat_and_its_open_is_read_again(
             sv.save({"i": 2}, path, overwrite=True)  # swaps, then deletes the old manifest
         return real_open_read(name, dir_fd=dir_fd)
 
-    monkeypatch.setattr(opening, "open_read", overwrite_first)
+    monkeypatch.setattr(local, "open_read", overwrite_first)  # read_plain_file's open
     assert sv.load(path)["i"] == 2
     assert overwrites == [2]

@@ -25,6 +25,7 @@ from statevault.checkpoint.parts import (
     per_rank_locals,
     shared_ids,
 )
+from statevault.engine.assignment import is_replicated, writer_coordinate
 from statevault.engine.plan import SavePlan
 from statevault.errors import DistributedSaveError
 from statevault.format.checksum import crc32c_of
@@ -38,10 +39,6 @@ def sharded_numbers(plan: SavePlan) -> dict[int, int]:
     """The ``sharded`` row of every sharded leaf: their order in the plan, on every rank."""
     leaves = (i for i, leaf in enumerate(plan.leaves) if leaf.shard is not None)
     return {leaf: number for number, leaf in enumerate(leaves)}
-
-
-def is_replicated(plan: SavePlan, leaf: int) -> bool:
-    return leaf < plan.shared_count and plan.leaves[leaf].shard is None
 
 
 def indexed_part(job: SaveJob) -> tuple[Part, bytes]:
@@ -116,7 +113,7 @@ def _sharded_row(plan: SavePlan, leaf_index: int, parts: list[Part], where: str)
         rule = ShardRule(
             rule.mesh,
             tuple(
-                (kind, leaf_index % count if kind == REPLICATE else value)
+                (kind, writer_coordinate(leaf_index, count) if kind == REPLICATE else value)
                 for (kind, value), count in zip(rule.placements, rule.mesh, strict=True)
             ),
             rule.first_rank,

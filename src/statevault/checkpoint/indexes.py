@@ -10,9 +10,6 @@ manifest, so that an overwrite can never mix two checkpoints.
 
 from __future__ import annotations
 
-import json
-import os
-import stat
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,8 +23,8 @@ from statevault.format.indexed import (
     index_name,
     table_tag,
 )
-from statevault.format.manifest import Manifest, expand_manifest
-from statevault.storage.local import open_read, read_into_fd
+from statevault.format.manifest import Manifest, expand_manifest, loads_strict
+from statevault.storage.local import read_plain_file
 from statevault.storage.location import Location
 
 _REMOTE_READERS = 16
@@ -57,7 +54,7 @@ def with_indexes(
                 "damaged"
             )
         try:
-            return rank, check_index(_strict_json(data), rank)
+            return rank, check_index(strict_json(data), rank)
         except (ValueError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{where}: {index_name(rank, tag)}: {exc}") from None
 
@@ -102,51 +99,24 @@ def _read(location: Location, dir_fd: int | None, name: str, size: int) -> bytes
 
 
 def _read_local(dir_fd: int, directory: str, name: str, size: int) -> bytes:
-    try:  # a plain file only: opening a FIFO would block, a device would read anything
-        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{directory}: {name} is missing") from None
-    except OSError as exc:
-        raise CorruptCheckpointError(f"{directory}: cannot open {name} ({exc})") from None
-    if not stat.S_ISREG(mode):
-        raise CorruptCheckpointError(
-            f"{directory}: {name} is not a regular file (a symlink, directory or device); "
-            "statevault reads only plain files inside the checkpoint"
-        )
-    try:
-        fd = open_read(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{directory}: {name} is missing") from None
-    except OSError as exc:  # ELOOP: a symlink; statevault reads only plain files inside
-        raise CorruptCheckpointError(f"{directory}: cannot open {name} ({exc})") from None
-    try:
-        actual = os.fstat(fd).st_size
+    def refuse_other_size(actual: int) -> None:
         if actual != size:
             raise CorruptCheckpointError(
                 f"{directory}: {name} holds {actual} bytes, the checkpoint says {size}"
             )
-        data = bytearray(size)
-        read_into_fd(fd, 0, memoryview(data))
-        return bytes(data)
-    except (OSError, EOFError) as exc:
-        raise CorruptCheckpointError(f"{directory}: cannot read {name} ({exc})") from None
-    finally:
-        os.close(fd)
-
-
-def _strict_json(data: bytes) -> Any:
-    """JSON as manifests are read: no NaN or Infinity, no duplicate keys."""
-
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result = dict(pairs)
-        if len(result) != len(pairs):
-            raise ValueError("duplicate key in an object")
-        return result
-
-    def constant(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
 
     try:
-        return json.loads(data.decode("ascii"), parse_constant=constant, object_pairs_hook=unique)
+        return read_plain_file(dir_fd, directory, name, refuse_other_size)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{directory}: {name} is missing") from None
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{directory}: cannot open {name} ({exc})") from None
+
+
+def strict_json(data: bytes) -> Any:
+    """An index's JSON, read as manifests are (format.manifest.loads_strict), ASCII only."""
+    try:
+        text = data.decode("ascii")
     except UnicodeDecodeError:
         raise ValueError("not ASCII JSON") from None
+    return loads_strict(text)

@@ -11,7 +11,6 @@ checkpoints (docs/FORMAT.md section 3.1). Example::
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from statevault.errors import CheckpointError, CheckpointNotFoundError, CorruptC
 from statevault.format.checksum import crc32c_of
 from statevault.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from statevault.format.names import MANIFEST_NAME
-from statevault.storage.local import open_read, read_into_fd
+from statevault.storage.local import read_plain_file
 from statevault.storage.location import Location, local_directory, resolve
 
 PathLike = str | os.PathLike[str]
@@ -182,36 +181,19 @@ def _cannot_tell(directory: str, what: str, exc: OSError) -> CheckpointError:
 
 def _local_manifest_bytes(dir_fd: int, directory: str) -> bytes:
     """manifest.json read through the directory's descriptor, as a plain file only."""
-    try:
-        mode = os.stat(MANIFEST_NAME, dir_fd=dir_fd, follow_symlinks=False).st_mode
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}") from None
-    except OSError as exc:
-        raise _cannot_tell(directory, "look for manifest.json", exc) from exc
-    if not stat.S_ISREG(mode):  # a symlink, directory, FIFO...
-        raise CorruptCheckpointError(
-            f"{directory}: manifest.json is not a regular file (a symlink, directory or "
-            "device); statevault reads only plain files inside the checkpoint"
-        )
-    try:
-        fd = open_read(MANIFEST_NAME, dir_fd=dir_fd)
-    except FileNotFoundError:  # deleted since the stat: an overwrite's old side, a retention
-        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}") from None
-    except OSError as exc:
-        raise CorruptCheckpointError(f"{directory}: cannot open manifest.json ({exc})") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size > MAX_MANIFEST_BYTES:  # refuse before allocating
+
+    def refuse_implausible(size: int) -> None:  # before allocating
+        if size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(
                 f"{directory}: manifest.json is implausibly large ({size} B)"
             )
-        data = bytearray(size)
-        read_into_fd(fd, 0, memoryview(data))
-    except (OSError, EOFError) as exc:
-        raise CorruptCheckpointError(f"{directory}: cannot read manifest.json ({exc})") from None
-    finally:
-        os.close(fd)
-    return bytes(data)
+
+    try:
+        return read_plain_file(dir_fd, directory, MANIFEST_NAME, refuse_implausible)
+    except FileNotFoundError:  # also deleted since the stat: an overwrite's old side, a retention
+        raise CheckpointNotFoundError(f"no committed checkpoint at {directory}") from None
+    except OSError as exc:
+        raise _cannot_tell(directory, "look for manifest.json", exc) from exc
 
 
 def _remote_manifest_bytes(location: Location) -> bytes:

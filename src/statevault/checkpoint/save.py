@@ -248,7 +248,7 @@ class Saver:
             write_started = time.perf_counter()
             job.write(files, staged)
             job.timings["write_s"] = time.perf_counter() - write_started
-            part = self._part(job)
+            part = rank_part(job, self.group.size)
         except BaseException as exc:
             self._report_failure(job, exc)
             raise
@@ -266,9 +266,6 @@ class Saver:
         job.timings["durable_s"] = time.perf_counter() - started
         _log_saved(job, manifest)
         return manifest
-
-    def _part(self, job: SaveJob) -> Part:
-        return rank_part(job, self.group.size)
 
     def _commit(self, job: SaveJob, own: Part, started: float) -> Manifest:
         """Rank 0: every rank's part, merged into one manifest, written last."""

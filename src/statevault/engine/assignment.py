@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
-from statevault.engine.plan import Leaf, SavePlan
+from statevault.engine.plan import SavePlan
 
 
 def deal_replicated(sizes: Sequence[int], world: int) -> list[int]:
@@ -30,15 +30,26 @@ def deal_replicated(sizes: Sequence[int], world: int) -> list[int]:
     return owners
 
 
+def writer_coordinate(leaf_index: int, size: int) -> int:
+    """On a mesh dimension of ``size`` that replicates sharded leaf ``leaf_index``, the
+    coordinate of the holder that writes the chunk (see module doc)."""
+    return leaf_index % size
+
+
 def writes_chunk(leaf_index: int, replicas: Sequence[tuple[int, int]]) -> bool:
     """Whether this rank stores its chunk of sharded leaf ``leaf_index`` (see module doc)."""
-    return all(coordinate == leaf_index % size for coordinate, size in replicas)
+    return all(coordinate == writer_coordinate(leaf_index, size) for coordinate, size in replicas)
+
+
+def is_replicated(plan: SavePlan, index: int) -> bool:
+    """Whether leaf ``index`` of ``plan`` is a replicated tensor: shared, not a shard."""
+    return index < plan.shared_count and plan.leaves[index].shard is None
 
 
 def leaves_to_write(plan: SavePlan, rank: int, world: int) -> list[int]:
     """The leaves of ``plan`` this rank writes: its share of the replicated ones, the chunks it
     is the chosen holder of, and all of its per-rank leaves."""
-    replicated = [i for i in range(plan.shared_count) if _is_replicated(plan.leaves[i])]
+    replicated = [i for i in range(plan.shared_count) if is_replicated(plan, i)]
     owners = deal_replicated([plan.leaves[i].spec.nbytes for i in replicated], world)
     mine = {i for i, owner in zip(replicated, owners, strict=True) if owner == rank}
     for index, leaf in enumerate(plan.leaves):
@@ -48,7 +59,3 @@ def leaves_to_write(plan: SavePlan, rank: int, world: int) -> list[int]:
         elif index >= plan.shared_count:  # a per-rank leaf
             mine.add(index)
     return sorted(mine)
-
-
-def _is_replicated(leaf: Leaf) -> bool:
-    return leaf.shard is None and not leaf.per_rank

@@ -96,13 +96,9 @@ def encode_index(
     return json.dumps(doc, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-def encode_table(indexes: Iterable[bytes | tuple[int, int]]) -> bytes:
-    """The table of every rank's index, in rank order: its bytes, or (size, CRC32C)."""
-    records = []
-    for item in indexes:
-        size, crc = (len(item), crc32c_of(item)) if isinstance(item, bytes) else item
-        records.append(TABLE_RECORD.pack(size, crc))
-    return b"".join(records)
+def encode_table(records: Iterable[tuple[int, int]]) -> bytes:
+    """The table of every rank's index, in rank order: (size, CRC32C) of each."""
+    return b"".join(TABLE_RECORD.pack(size, crc) for size, crc in records)
 
 
 def table_entry(name: str, data: bytes) -> IndexTable:
@@ -138,9 +134,8 @@ def expand(body: Mapping[str, Any], indexes: Mapping[int, dict[str, Any]]) -> di
     and their chunks are absent."""
     files = list(body["files"])
     tensors = list(body["tensors"])
+    # Validated at parse (format.validator): a tensor with a rule lists no chunk in the manifest.
     sharded = [dict(row, chunks=list(row["chunks"])) for row in body["sharded"]]
-    if any("rule" in row and row["chunks"] for row in sharded):
-        raise IndexFormatError("a tensor described by a rule lists chunks in the manifest")
     shared_files = _file_names(files)
     bases: dict[int, int] = {}
     for rank in sorted(indexes):

@@ -248,12 +248,15 @@ def expand_manifest(manifest: Manifest, indexes: dict[int, dict[str, Any]], wher
     return expanded
 
 
+def loads_strict(text: str) -> Any:
+    """JSON as statevault reads its records (manifests, per-rank indexes): no NaN or Infinity,
+    no duplicate keys (other parsers would read them otherwise). ValueError when it is not."""
+    return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+
+
 def _parse_json(data: bytes, where: str) -> Any:
     try:
-        # Strict JSON: no NaN/Infinity, no duplicate keys (other parsers would read them otherwise).
-        return json.loads(
-            data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
-        )
+        return loads_strict(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
         raise CorruptCheckpointError(

@@ -15,7 +15,7 @@ from statevault.errors import CorruptCheckpointError
 from statevault.format import dtypes
 from statevault.format.checksum import CONTENT_HASH_PATTERN, parse_checksum
 from statevault.format.geometry import Box, GeometryError, check_chunks
-from statevault.format.indexed import TABLE_NAME, IndexTable
+from statevault.format.indexed import TABLE_NAME, TABLE_RECORD, IndexTable
 from statevault.format.manifest import (
     BLOCK_BYTES,
     ChunkEntry,
@@ -68,15 +68,12 @@ class Validator:
         return manifest
 
     def index_table(self, body: dict[str, Any], ranks: int) -> IndexTable:
-        from statevault.format.indexed import TABLE_RECORD
-
         row = self.get(body, "indexes", dict, "body")
         name = self.get(row, "name", str, "body.indexes")
         if TABLE_NAME.fullmatch(name) is None:
             raise self.fail(f"body.indexes.name {name[:80]!r} is not an index table's name")
-        table = IndexTable(
-            name, self.count(row, "size", "body.indexes"), self.checksum(row, "checksum", "")
-        )
+        ctx = "body.indexes"
+        table = IndexTable(name, self.count(row, "size", ctx), self.checksum(row, "checksum", ctx))
         if table.size != ranks * TABLE_RECORD.size:
             raise self.fail(f"body.indexes.size {table.size} is not {ranks} records")
         return table
@@ -123,10 +120,10 @@ class Validator:
         row: Any,
         index: int,
         tensors: list[TensorEntry],
-        version: int = 2,
-        complete: bool = True,
-        world: int = 1,
-        read_ranks: frozenset[int] | None = None,
+        version: int,
+        complete: bool,
+        world: int,
+        read_ranks: frozenset[int] | None,
     ) -> ShardedEntry:
         ctx = f"sharded[{index}]"
         path: str = self.get(row, "path", str, ctx)

@@ -97,11 +97,8 @@ def copy_checkpoint(
         )
     if target.storage.exists(target.join(MANIFEST_NAME).path):
         return False
-    _clear_dead_copy(
-        target,
-        {entry.name for entry in checkpoint.manifest.files}
-        | set(metadata_names(checkpoint.manifest)),
-    )
+    metadata = metadata_names(checkpoint.manifest)  # format 3: the index table and indexes
+    _clear_dead_copy(target, {entry.name for entry in checkpoint.manifest.files} | set(metadata))
     # A local replica (a shared filesystem) commits by rename like any local save; an object
     # store by writing the manifest last. Either way the marker goes first.
     if target.local:
@@ -122,7 +119,7 @@ def copy_checkpoint(
             cancel or Cancel(),
             keys,
             known,
-            metadata_names(checkpoint.manifest),
+            metadata,
         )
         if target.local:
             commit.publish(written.path, target.path, overwrite=False)

@@ -15,8 +15,11 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import uuid
+from collections.abc import Callable
 
+from statevault.errors import CorruptCheckpointError
 from statevault.format.names import MANIFEST_NAME
 from statevault.storage.base import CommitsOnExit
 from statevault.storage.faults import typed_storage_errors
@@ -183,6 +186,39 @@ def open_read(path: str, dir_fd: int | None = None) -> int:
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     with typed_storage_errors(path):
         return os.open(path, flags, dir_fd=dir_fd)
+
+
+def read_plain_file(
+    dir_fd: int, directory: str, name: str, check_size: Callable[[int], None]
+) -> bytes:
+    """The whole of ``name`` in the open directory ``dir_fd`` (``directory`` names it in
+    messages), read as a plain file only: a symlink could lead outside the checkpoint, a FIFO
+    would block, a device would read anything. ``check_size`` sees the size before the buffer
+    is allocated, and raises to refuse it. Raises FileNotFoundError when the file is missing
+    (at the stat or the open) and OSError when it cannot be looked at; any other problem is a
+    CorruptCheckpointError naming the file."""
+    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    if not stat.S_ISREG(mode):
+        raise CorruptCheckpointError(
+            f"{directory}: {name} is not a regular file (a symlink, directory or device); "
+            "statevault reads only plain files inside the checkpoint"
+        )
+    try:
+        fd = open_read(name, dir_fd=dir_fd)
+    except FileNotFoundError:  # deleted since the stat
+        raise
+    except OSError as exc:  # ELOOP: a symlink planted since the stat
+        raise CorruptCheckpointError(f"{directory}: cannot open {name} ({exc})") from None
+    try:
+        size = os.fstat(fd).st_size
+        check_size(size)
+        data = bytearray(size)
+        read_into_fd(fd, 0, memoryview(data))
+        return bytes(data)
+    except (OSError, EOFError) as exc:
+        raise CorruptCheckpointError(f"{directory}: cannot read {name} ({exc})") from None
+    finally:
+        os.close(fd)
 
 
 def read_into_fd(fd: int, offset: int, buffer: memoryview) -> None:
